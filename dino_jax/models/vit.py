@@ -1,0 +1,260 @@
+"""Vision Transformer backbone, as in DINO's release (pre-norm ViT with a [CLS] token).
+
+Shapes: B batch, H x W image, p patch, T = 1 + (H // p) * (W // p) tokens, D width.
+Inputs are NHWC float images (already normalised); `apply` returns the final-LN [CLS] feature (B, D).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+# Width, depth, heads of the standard sizes (the paper's Table; large is the usual next step).
+SIZES = {
+    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
+    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
+}
+
+
+def trunc_normal(std: float = 0.02, lower: float = -2.0, upper: float = 2.0):
+  """timm's trunc_normal_(std, a, b): N(0, std) cut at *absolute* bounds [a, b].
+
+  With std 0.02 the cut sits at 100 sigma and never triggers; it is kept for the letter of the
+  recipe. (jax.random.truncated_normal at +-100 sigma would sample the bound itself with
+  probability ~2^-23 per draw, through erfinv(+-1), so the cut is done by clipping instead.)
+  """
+
+  def init(key, shape, dtype=jnp.float32):
+    return jnp.clip(std * jax.random.normal(key, shape, dtype), lower, upper)
+
+  return init
+
+
+# PyTorch's default init of Conv2d / Linear (kaiming_uniform(a=sqrt(5)) and U(+-1/sqrt(fan_in)) bias).
+# The release leaves the patch conv (and the head's weight-normalised layer) at this default.
+torch_default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_default_bias_init(fan_in: int):
+  bound = 1.0 / math.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact (erf) GELU, as torch.nn.GELU(); flax's nn.gelu defaults to the tanh approximation."""
+  return nn.gelu(x, approximate=False)
+
+
+def _bicubic_matrix(n_in: int, n_out: int, scale_factor: float) -> np.ndarray:
+  """(n_out, n_in) matrix of torch's 1-D bicubic resampling (a=-0.75, align_corners=False).
+
+  Follows ATen's upsample_bicubic2d when `scale_factor` is given: src = (dst + 0.5) / s - 0.5,
+  computed in float32 as ATen does for float inputs, four taps with indices clamped to the border.
+  """
+  a = np.float32(-0.75)
+  inv = np.float32(1.0 / scale_factor)
+  mat = np.zeros((n_out, n_in), np.float32)
+  for i in range(n_out):
+    real = inv * (np.float32(i) + np.float32(0.5)) - np.float32(0.5)
+    i0 = int(np.floor(real))
+    t = np.float32(real - np.float32(i0))
+    x1, x2 = t, np.float32(1) - t
+    w = [
+        ((a * (x1 + 1) - 5 * a) * (x1 + 1) + 8 * a) * (x1 + 1) - 4 * a,
+        ((a + 2) * x1 - (a + 3)) * x1 * x1 + 1,
+        ((a + 2) * x2 - (a + 3)) * x2 * x2 + 1,
+        ((a * (x2 + 1) - 5 * a) * (x2 + 1) + 8 * a) * (x2 + 1) - 4 * a,
+    ]
+    for k in range(4):
+      mat[i, min(max(i0 - 1 + k, 0), n_in - 1)] += w[k]
+  return mat
+
+
+def resize_pos_embed(pos_embed: jax.Array, grid_hw: tuple[int, int]) -> jax.Array:
+  """Resizes a (1, 1 + n*n, D) position embedding to a (gh, gw) patch grid, [CLS] entry kept.
+
+  The release's exact mapping: torch bicubic interpolation with *scale factors* (g + 0.1) / n
+  (not a target size), which shifts the sampling positions slightly; imported release weights only
+  reproduce its features at other resolutions with this mapping. Returns (1, 1 + gh*gw, D).
+  """
+  n = math.isqrt(pos_embed.shape[1] - 1)
+  assert n * n == pos_embed.shape[1] - 1, f"pos_embed grid is not square: {pos_embed.shape}"
+  gh, gw = grid_hw
+  cls_pos, patch_pos = pos_embed[:, :1], pos_embed[0, 1:].reshape(n, n, -1)
+  mh = _bicubic_matrix(n, gh, (gh + 0.1) / n)
+  mw = _bicubic_matrix(n, gw, (gw + 0.1) / n)
+  patch_pos = jnp.einsum("hi,ijd,wj->hwd", mh, patch_pos.astype(jnp.float32), mw,
+                         precision=jax.lax.Precision.HIGHEST)
+  return jnp.concatenate([cls_pos, patch_pos.reshape(1, gh * gw, -1).astype(pos_embed.dtype)], 1)
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with a fused qkv projection (rows q, k, v; heads contiguous)."""
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x: (B, T, D) -> (output (B, T, D), attention (B, heads, T, T))."""
+    b, t, d = x.shape
+    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
+                              kernel_init=trunc_normal(), bias_init=nn.initializers.zeros)
+    qkv = dense(3 * d, name="qkv")(x).reshape(b, t, 3, self.num_heads, d // self.num_heads)
+    q, k, v = jnp.moveaxis(qkv, (2, 3), (0, 2))  # each (B, heads, T, head_dim)
+    # Matmul form: on XLA CPU it is faster than the equivalent einsum.
+    logits = jnp.matmul(q, jnp.swapaxes(k, -1, -2)) * (d // self.num_heads) ** -0.5
+    attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    out = jnp.matmul(attn, v)  # (B, heads, T, head_dim)
+    out = jnp.swapaxes(out, 1, 2).reshape(b, t, d)
+    return dense(d, name="proj")(out), attn
+
+
+class Mlp(nn.Module):
+  hidden_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
+                              kernel_init=trunc_normal(), bias_init=nn.initializers.zeros)
+    return dense(x.shape[-1], name="fc2")(gelu(dense(self.hidden_dim, name="fc1")(x)))
+
+
+def drop_path(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+  """Stochastic depth: zeroes whole samples with probability `rate`, rescales the rest."""
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / keep, 0).astype(x.dtype)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+  num_heads: int
+  mlp_ratio: float = 4.0
+  drop_path_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool = True,
+               return_attention: bool = False) -> jax.Array:
+    """x: (B, T, D) -> (B, T, D); or the attention (B, heads, T, T) if return_attention."""
+    norm = functools.partial(nn.LayerNorm, epsilon=1e-6, use_fast_variance=False, dtype=self.dtype,
+                             param_dtype=self.param_dtype)
+    y, attn = Attention(self.num_heads, self.dtype, self.param_dtype, name="attn")(
+        norm(name="norm1")(x))
+    if return_attention:
+      return attn
+    stochastic = not deterministic and self.drop_path_rate > 0
+    if stochastic:
+      y = drop_path(y, self.drop_path_rate, self.make_rng("drop_path"))
+    x = x + y
+    y = Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, self.param_dtype, name="mlp")(
+        norm(name="norm2")(x))
+    if stochastic:
+      y = drop_path(y, self.drop_path_rate, self.make_rng("drop_path"))
+    return x + y
+
+
+class VisionTransformer(nn.Module):
+  """DINO's ViT. Parameter names follow the release's state_dict keys (see dino_jax.convert)."""
+  patch_size: int = 16
+  embed_dim: int = 384
+  depth: int = 12
+  num_heads: int = 6
+  mlp_ratio: float = 4.0
+  drop_path_rate: float = 0.0  # the student uses 0.1; linear from 0 (first block) to this (last)
+  img_size: int = 224  # the position embedding holds (img_size // patch_size)**2 patches + [CLS]
+  dtype: Dtype = jnp.float32  # compute dtype (bf16 on GPU/TPU); params stay in param_dtype
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    p, d = self.patch_size, self.embed_dim
+    self.patch_embed = nn.Conv(
+        d, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=torch_default_kernel_init, bias_init=torch_default_bias_init(3 * p * p),
+        name="patch_embed")
+    n = (self.img_size // p) ** 2
+    self.cls_token = self.param("cls_token", trunc_normal(), (1, 1, d), self.param_dtype)
+    self.pos_embed = self.param("pos_embed", trunc_normal(), (1, n + 1, d), self.param_dtype)
+    rates = np.linspace(0, self.drop_path_rate, self.depth) if self.depth > 1 else [0.0]
+    self.blocks = [
+        Block(self.num_heads, self.mlp_ratio, float(r), self.dtype, self.param_dtype)
+        for r in rates
+    ]
+    self.norm = nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, dtype=self.dtype,
+                             param_dtype=self.param_dtype)
+
+  def prepare_tokens(self, x: jax.Array) -> jax.Array:
+    """x: (B, H, W, 3) -> tokens (B, T, D): [CLS] + patch embeddings + position embedding."""
+    b, h, w, _ = x.shape
+    p = self.patch_size
+    if h % p or w % p:
+      raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
+    x = self.patch_embed(x.astype(self.dtype)).reshape(b, -1, self.embed_dim)
+    x = jnp.concatenate([jnp.broadcast_to(self.cls_token, (b, 1, self.embed_dim)).astype(x.dtype),
+                         x], axis=1)
+    gh, gw = h // p, w // p
+    pos = self.pos_embed
+    if not (gh * gw == pos.shape[1] - 1 and gh == gw):  # the release's condition for resizing
+      pos = resize_pos_embed(pos, (gh, gw))
+    return x + pos.astype(x.dtype)
+
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    """x: (B, H, W, 3) -> final-LN [CLS] feature (B, D)."""
+    x = self.prepare_tokens(x)
+    for blk in self.blocks:
+      x = blk(x, deterministic)
+    return self.norm(x)[:, 0]
+
+  def get_last_selfattention(self, x: jax.Array) -> jax.Array:
+    """x: (B, H, W, 3) -> last block's attention (B, heads, T, T), before its residual update."""
+    x = self.prepare_tokens(x)
+    for blk in self.blocks[:-1]:
+      x = blk(x)
+    return self.blocks[-1](x, return_attention=True)
+
+  def get_intermediate_layers(self, x: jax.Array, n: int = 1) -> list[jax.Array]:
+    """x: (B, H, W, 3) -> the last n blocks' tokens, each final-LN-normed: n x (B, T, D)."""
+    x = self.prepare_tokens(x)
+    out = []
+    for i, blk in enumerate(self.blocks):
+      x = blk(x)
+      if len(self.blocks) - i <= n:
+        out.append(self.norm(x))
+    return out
+
+
+def _factory(arch: str):
+  def make(patch_size: int = 16, **overrides) -> VisionTransformer:
+    return VisionTransformer(patch_size=patch_size, **{**SIZES[arch], **overrides})
+
+  make.__name__ = arch
+  make.__doc__ = f"{arch}: {SIZES[arch]}; any VisionTransformer field can be overridden."
+  return make
+
+
+vit_tiny = _factory("vit_tiny")
+vit_small = _factory("vit_small")
+vit_base = _factory("vit_base")
+vit_large = _factory("vit_large")
+
+
+def build_vit(arch: str, patch_size: int, **overrides) -> VisionTransformer:
+  """VisionTransformer by name: one of SIZES' keys, or 'vit_custom' with every size given."""
+  if arch == "vit_custom":
+    return VisionTransformer(patch_size=patch_size, **overrides)
+  if arch not in SIZES:
+    raise ValueError(f"unknown model.arch {arch!r}; expected one of {sorted(SIZES) + ['vit_custom']}")
+  return VisionTransformer(patch_size=patch_size, **{**SIZES[arch], **overrides})

@@ -1,0 +1,94 @@
+"""DINO's optimizer as one optax chain.
+
+per-tensor gradient clipping -> AdamW with per-step lr and weight-decay schedules (decay masked off
+for biases and all 1-D params) -> the last layer frozen for `freeze_last_layer` epochs, exactly as
+the release drops its gradient: AdamW neither moves nor decays it nor updates its moments, and its
+own Adam step count (bias correction) starts when the freeze ends, as PyTorch's per-parameter state.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dino_jax import schedules as schedules_lib
+
+
+def clip_per_tensor(max_norm: float) -> optax.GradientTransformation:
+  """Rescales each gradient tensor whose L2 norm exceeds max_norm by max_norm / (norm + 1e-6)."""
+
+  def clip(g):
+    norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
+    coef = max_norm / (norm + 1e-6)
+    return jnp.where(coef < 1, g * coef.astype(g.dtype), g)
+
+  return optax.stateless(lambda updates, params: jax.tree.map(clip, updates))
+
+
+def param_labels(params: Any, norm_last_layer: bool) -> Any:
+  """'last_layer' for the head's weight-normalised layer, 'frozen' for its g when norm_last_layer
+  (the release sets requires_grad False), 'rest' for everything else."""
+
+  def label(path, _):
+    keys = [getattr(k, "key", str(k)) for k in path]
+    if "last_layer" in keys:
+      return "frozen" if norm_last_layer and keys[-1] == "kernel_g" else "last_layer"
+    return "rest"
+
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def decay_mask(params: Any) -> Any:
+  """Weight decay on every tensor of 2 or more dims (kernels, cls token, pos embed, g); not on
+  biases, LayerNorm / BatchNorm params or any other 1-D tensor (the release's rule)."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def _adamw(learning_rate, weight_decay, b1, b2, eps) -> optax.GradientTransformation:
+  return optax.chain(
+      optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+      optax.add_decayed_weights(weight_decay, mask=decay_mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def dino_optimizer(*, learning_rate, weight_decay, clip_grad: float = 3.0,
+                   freeze_last_layer_steps: int = 0, norm_last_layer: bool = True,
+                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+                   ) -> optax.GradientTransformation:
+  """The chain; learning_rate and weight_decay are floats or schedules of the global step.
+
+  Schedules are evaluated at the global step (inject_hyperparams' count), so the frozen last layer
+  follows the same lr / wd as everything else once it starts moving.
+  """
+
+  def make(learning_rate, weight_decay):
+    adamw = lambda: _adamw(learning_rate, weight_decay, b1, b2, eps)
+    parts = {
+        "rest": adamw(),
+        "last_layer": optax.transforms.conditionally_transform(
+            adamw(), lambda count: count >= freeze_last_layer_steps),
+        "frozen": optax.set_to_zero(),
+    }
+    tx = optax.multi_transform(parts, lambda p: param_labels(p, norm_last_layer))
+    if clip_grad and clip_grad > 0:
+      tx = optax.chain(clip_per_tensor(clip_grad), tx)
+    return tx
+
+  return optax.inject_hyperparams(make)(learning_rate=learning_rate, weight_decay=weight_decay)
+
+
+def make_optimizer(config, steps_per_epoch: int, total_steps: int
+                   ) -> tuple[optax.GradientTransformation, dict[str, schedules_lib.Schedule]]:
+  """(tx, schedules) from a training config; schedules holds lr, wd, momentum, teacher_temp."""
+  if config.optimizer != "adamw":
+    raise ValueError(f"config.optimizer={config.optimizer!r}: only 'adamw' (the ViT recipe) is "
+                     "implemented; SGD / LARS belong to the release's ResNet recipe")
+  fns = schedules_lib.dino_schedules(config, steps_per_epoch, total_steps)
+  tx = dino_optimizer(
+      learning_rate=fns["lr"], weight_decay=fns["wd"], clip_grad=config.clip_grad,
+      freeze_last_layer_steps=int(config.freeze_last_layer * steps_per_epoch),
+      norm_last_layer=config.model.norm_last_layer)
+  return tx, fns

@@ -1,0 +1,44 @@
+"""dino_jax: DINO self-distillation (Caron et al., ICCV 2021) in JAX / Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="dino_jax",
+    version="0.1.0",
+    description="DINO self-supervised Vision Transformers in JAX/Flax, for TPU, GPU and CPU.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["dino_jax", "dino_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.11",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.12",
+        "tensorflow-datasets>=4.9.7",
+        "ml-collections>=1.0",
+        "chex>=0.1.89",
+        "absl-py",
+        "numpy",
+        "pillow",
+        "matplotlib",
+        "tensorboardX",
+    ],
+    extras_require={
+        # PyTorch only for weight exchange (dino_jax.convert / import_torch / export_torch).
+        "torch": ["torch==2.14.1", "torchvision==0.29.1", "safetensors"],
+        "test": [
+            "pytest",
+            "pytest-xdist",
+            "torch==2.14.1",
+            "torchvision==0.29.1",
+            "timm",
+            "transformers",
+            "safetensors",
+            "scikit-image",
+            "nbclient",
+            "nbformat",
+            "ipykernel",
+        ],
+    },
+)

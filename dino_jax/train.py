@@ -5,14 +5,28 @@ Shapes: B global batch, G = 2 global crops, L local crops, K head outputs.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+import tensorboardX
+from absl import app, flags, logging
+from ml_collections import config_flags
 
+from dino_jax import checkpoint
+from dino_jax import config as config_lib
 from dino_jax import losses
+from dino_jax import optim
+from dino_jax import sharding as sharding_lib
 from dino_jax import state as state_lib
 from dino_jax.models import DINOHead, MultiCropWrapper, build_vit
 
@@ -27,7 +41,8 @@ def build_models(config) -> tuple[MultiCropWrapper, MultiCropWrapper]:
   """(student, teacher): same architecture; only the student has drop path."""
   m = config.model
   dtype = jnp.dtype(m.dtype)
-  vit_kw = dict(img_size=config.global_crops_size, dtype=dtype, **m.get("vit", {}))
+  sizes = {k: m[k] for k in ("embed_dim", "depth", "num_heads") if m[k] > 0}
+  vit_kw = dict(img_size=config.global_crops_size, dtype=dtype, **sizes)
 
   def wrapper(drop_path_rate):
     backbone = build_vit(m.arch, m.patch_size, drop_path_rate=drop_path_rate, **vit_kw)
@@ -37,6 +52,20 @@ def build_models(config) -> tuple[MultiCropWrapper, MultiCropWrapper]:
     return MultiCropWrapper(backbone, head)
 
   return wrapper(m.drop_path_rate), wrapper(0.0)
+
+
+def make_training(config, steps_per_epoch: int, total_steps: int):
+  """(student, teacher, tx, schedules, init): init(rng) -> a fresh TrainState (jit it with
+  out_shardings to create it sharded). The optimizer state's structure does not depend on the
+  step counts, so any (1, 1) gives the right shapes for a checkpoint that training will resume."""
+  student, teacher = build_models(config)
+  tx, schedules = optim.make_optimizer(config, steps_per_epoch, total_steps)
+  g, l = config.global_crops_size, config.local_crops_size
+  crop_shapes = [(2, g, g, 3)] + ([(config.local_crops_number, l, l, 3)]
+                                  if config.local_crops_number else [])
+  init = functools.partial(state_lib.create_train_state, student=student, tx=tx,
+                           crop_shapes=crop_shapes, out_dim=config.out_dim)
+  return student, teacher, tx, schedules, init
 
 
 def normalize(images: jax.Array) -> jax.Array:
@@ -162,3 +191,252 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], rng: ja
       teacher_batch_stats=aux["teacher_batch_stats"],
   )
   return new_state, metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop.
+# ----------------------------------------------------------------------------------------------
+class _Preemption:
+  """SIGTERM (a preempted VM) asks the loop to checkpoint and exit; multi-host runs ask orbax."""
+
+  def __init__(self):
+    self.requested = False
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      signal.signal(signal.SIGTERM, self._handler)
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM: saving a checkpoint and exiting")
+    self.requested = True
+
+  def __call__(self, mngr, step: int) -> bool:
+    if jax.process_count() > 1:
+      return mngr.reached_preemption(step)
+    return self.requested
+
+
+def _collapse_warning(metrics: dict[str, float], out_dim: int) -> str | None:
+  ln_k = math.log(out_dim)
+  if metrics["entropy"] > 0.95 * ln_k:
+    return (f"teacher entropy {metrics['entropy']:.2f} is within 5% of ln K = {ln_k:.2f}: uniform "
+            "collapse. Usually helps: a lower teacher_temp, BN in the head (model.use_bn_in_head), "
+            "a smaller out_dim")
+  if metrics["batch_entropy"] < 0.05 * ln_k:
+    return (f"entropy of the batch-mean teacher distribution {metrics['batch_entropy']:.2f} is "
+            "near 0: one-hot collapse (every image gets the same prototype). Usually helps: a "
+            "higher center_momentum weight on new batches (lower center_momentum), a higher "
+            "teacher_temp, a larger out_dim")
+  return None
+
+
+def _format_duration(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else (
+      f"{seconds // 60}m{seconds % 60:02d}s")
+
+
+def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
+  """Trains DINO as configured, checkpointing into workdir; resumes from workdir's checkpoints."""
+  from dino_jax.data import augment as augment_lib  # TODO(lead): top-level once data/ lands
+  from dino_jax.data import pipeline
+  # -- Checks, before anything compiles. -------------------------------------------------------
+  config_lib.validate(config, jax.device_count())
+  pipeline.validate(config)
+  is_main = jax.process_index() == 0
+  if is_main:
+    checkpoint.save_config(workdir, config)
+
+  # -- Mesh. -------------------------------------------------------------------------------------
+  mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
+  batch_sh, repl = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
+  logging.info("mesh %s over %d devices, %d processes", dict(mesh.shape), jax.device_count(),
+               jax.process_count())
+
+  # -- Input. ------------------------------------------------------------------------------------
+  train_ds = pipeline.train_dataset(config, process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+  num_images = pipeline.num_examples(config, config.data.train_split)
+  steps_per_epoch, total_steps = config_lib.steps(config, num_images)
+  data_iter = iter(train_ds)
+  augment = augment_lib.device_augment(config)
+
+  # -- Model, optimizer, state shapes and shardings. -------------------------------------------
+  student, teacher, tx, schedules, init = make_training(config, steps_per_epoch, total_steps)
+  init_rng, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  abstract = jax.eval_shape(init, init_rng)
+  state_sh = sharding_lib.state_shardings(mesh, abstract)
+  n_params = sum(x.size for x in jax.tree.leaves(abstract.params["backbone"]))
+  n_head = sum(x.size for x in jax.tree.leaves(abstract.params["head"]))
+  logging.info("student: backbone %.2fM params, head %.2fM; %d steps (%d per epoch, %d images)",
+               n_params / 1e6, n_head / 1e6, total_steps, steps_per_epoch, num_images)
+
+  # -- Restore, or initialise directly sharded. --------------------------------------------------
+  mngr = checkpoint.manager(workdir, config.keep_checkpoints)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, state_sh)
+  restored = checkpoint.restore(mngr, target, data_iter)
+  if restored is not None:
+    start_step, state = restored
+    logging.info("resumed from %s/checkpoints/%d", workdir, start_step)
+  else:
+    start_step = 0
+    state = jax.jit(init, out_shardings=state_sh)(init_rng)
+    if config.init_from:
+      state = _init_from(state, config.init_from, state_sh)
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  if is_main:
+    _truncate_metrics(metrics_path, start_step)
+
+  # -- The jitted step. --------------------------------------------------------------------------
+  step_fn = jax.jit(
+      functools.partial(train_step, student=student, teacher=teacher, tx=tx, schedules=schedules,
+                        student_temp=config.student_temp, center_momentum=config.center_momentum,
+                        grad_accum_steps=config.grad_accum_steps, augment=augment),
+      in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl),
+      donate_argnums=0)
+
+  # -- Loop. -------------------------------------------------------------------------------------
+  writer = tensorboardX.SummaryWriter(workdir) if is_main else None
+  preempted = _Preemption()
+  pending = []  # per-step losses since the last check: no NaN may reach a checkpoint
+  collapse_streak = 0
+  t0, t0_step, t_start = None, start_step, time.time()
+  step = start_step
+  with jax.transfer_guard("disallow"):
+    while step < total_steps:
+      batch = pipeline.global_batch(next(data_iter), batch_sh)
+      state, metrics = step_fn(state, batch, step_rng)
+      step += 1
+      pending.append(metrics["loss"])
+      if t0 is None:  # the first step compiles: throughput is timed from its end
+        jax.block_until_ready(metrics)
+        t0, t0_step = time.time(), step
+        logging.info("first step (compilation included) took %.1f s", t0 - t_start)
+      log_now = step % config.log_every_steps == 0 or step == total_steps
+      save_now = step % config.checkpoint_every_steps == 0 or step == total_steps
+      stop = preempted(mngr, step)
+      if log_now or save_now or stop:
+        losses_seen = jax.device_get(pending)
+        pending = []
+        bad = [i for i, v in enumerate(losses_seen) if not math.isfinite(float(v))]
+        if bad:
+          first = step - len(losses_seen) + bad[0] + 1
+          mngr.wait_until_finished()
+          raise FloatingPointError(
+              f"non-finite loss at step {first}; training stopped, nothing saved after it. The "
+              f"last good checkpoint is {workdir}/checkpoints/{mngr.latest_step()}.")
+      if log_now and is_main:
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        elapsed = time.time() - t0
+        ips = (step - t0_step) * config.batch_size / elapsed if elapsed > 0 else float("nan")
+        eta = (total_steps - step) * elapsed / max(step - t0_step, 1)
+        row = {"step": step, "epoch": step / steps_per_epoch, **m, "images_per_sec": ips}
+        with open(metrics_path, "a") as f:
+          f.write(json.dumps(row) + "\n")
+        for k, v in row.items():
+          if k != "step":
+            writer.add_scalar(f"train/{k}", v, step)
+        logging.info(
+            "step %d/%d (epoch %.1f) loss %.4f | teacher entropy %.3f, batch-mean %.3f, kl %.3f "
+            "| lr %.2e wd %.3f m %.4f tt %.3f | %.0f img/s ETA %s", step, total_steps,
+            row["epoch"], m["loss"], m["entropy"], m["batch_entropy"], m["kl"], m["lr"], m["wd"],
+            m["momentum"], m["teacher_temp"], ips, _format_duration(eta))
+        warning = _collapse_warning(m, config.out_dim) if step >= steps_per_epoch else None
+        collapse_streak = collapse_streak + 1 if warning else 0
+        if collapse_streak >= 3:
+          logging.warning("COLLAPSE: %s", warning)
+      if save_now or stop:
+        checkpoint.save(mngr, step, state, data_iter)
+      if stop:
+        logging.warning("preempted at step %d: checkpoint saved, exiting", step)
+        break
+  mngr.wait_until_finished()
+  mngr.close()
+  if writer is not None:
+    writer.close()
+  if step == total_steps and config.eval.after_training:
+    evaluate_after_training(config, workdir)
+  return state
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+  """Drops metrics rows past the checkpoint being resumed (they will be logged again)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    rows = [r for r in f if r.strip() and json.loads(r)["step"] <= step]
+  with open(path, "w") as f:
+    f.writelines(rows)
+
+
+def _init_from(state: state_lib.TrainState, workdir: str, state_sh) -> state_lib.TrainState:
+  """Student, teacher and centre from another workdir's latest checkpoint; fresh optimizer."""
+  _, student, _ = checkpoint.restore_params(workdir, "student")
+  _, teacher_params, _ = checkpoint.restore_params(workdir, "teacher")
+  for name, new, old in (("params", student, state.params),
+                         ("teacher_params", teacher_params, state.teacher_params)):
+    flat_new = dict(jax.tree_util.tree_flatten_with_path(new)[0])
+    for path, x in jax.tree_util.tree_flatten_with_path(old)[0]:
+      if path not in flat_new or flat_new[path].shape != x.shape:
+        key = jax.tree_util.keystr(path)
+        got = flat_new[path].shape if path in flat_new else "missing"
+        raise ValueError(f"config.init_from={workdir}: {name}{key} has shape {got}, this model "
+                         f"needs {x.shape}")
+  state = state.replace(params=jax.device_put(student, state_sh.params),
+                        teacher_params=jax.device_put(teacher_params, state_sh.teacher_params))
+  logging.info("initialised student and teacher from %s", workdir)
+  return state
+
+
+def evaluate_after_training(config, workdir: str) -> None:
+  """The main job's closing evaluations: k-NN and attention, trained teacher vs random init."""
+  from dino_jax.evaluate import report  # pylint: disable=g-import-not-at-top
+  report.run(config, workdir)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line.
+# ----------------------------------------------------------------------------------------------
+def _define_flags():
+  config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:arg]); "
+                                  "override keys with --config.KEY=VALUE.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Checkpoints, metrics and evaluations go here; rerunning "
+                      "the same command resumes from its latest checkpoint.")
+  flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (TPU pods, SLURM, "
+                    "multi-GPU hosts: the same command on every host).")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (implies "
+                      "--distributed; needs --num_processes and --process_id).")
+  flags.DEFINE_integer("num_processes", None, "Processes in a --coordinator_address launch.")
+  flags.DEFINE_integer("process_id", None, "This process's index in that launch.")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv) -> None:
+  del argv
+  from dino_jax.data import pipeline
+  f = flags.FLAGS
+  if f.coordinator_address or f.distributed:
+    jax.distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
+  try:  # bad config values and data paths: one clear line, before anything compiles
+    config_lib.validate(f.config, jax.device_count())
+    pipeline.validate(f.config)
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"error: {e}")
+  train_and_evaluate(f.config, f.workdir)
+
+
+def run_cli(main_fn) -> None:
+  """app.run, with a misspelt --config.KEY reported in one line (exit code 2), not a traceback."""
+  try:
+    app.run(main_fn)
+  except (KeyError, AttributeError) as e:
+    msg = str(e).strip("'\"").replace("\\n", " ").replace("\n", " ")
+    if "Did you mean" not in msg and "does not exist" not in msg:
+      raise
+    print(f"error: unknown config key {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  _define_flags()
+  run_cli(main)

@@ -1,0 +1,55 @@
+"""The main job: DINO on the embedded `shapes` images, ~10 minutes on a 2-core CPU.
+
+  python -m dino_jax.train --config configs/default.py --workdir workdirs/default
+
+A tiny ViT (patch 4 on 32 px images: 8 x 8 tokens) and a small head, so that in minutes on a laptop
+CPU the teacher's features group the six shape classes (k-NN) and its [CLS] attention finds the object.
+Every departure from the paper's recipe (dino_jax.config.base_config) is below, with its reason.
+"""
+from dino_jax import config as config_lib
+
+
+def get_config(arg: str | None = None):
+  del arg
+  c = config_lib.base_config()
+  c.seed = 0
+  c.data.source = "shapes"  # embedded, generated from the seed: no download
+  c.data.workers = 0  # 2 CPU cores: the step needs both; crops are cheap at 32 px
+  c.batch_size = 64
+  c.total_steps = 2000
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 500
+
+  # Resolution: 32 px images, 2 global crops of 32 px and 4 local crops of 16 px (the paper: 224
+  # and 8-10 x 96); crop scales as the release's proportions allow at this size.
+  c.global_crops_size = 32
+  c.local_crops_size = 16
+  c.local_crops_number = 4
+  c.global_crops_scale = (0.4, 1.0)
+  c.local_crops_scale = (0.1, 0.4)  # 0.05 of a 32 px image is a 7 px patch: too small to see
+
+  # A ViT small enough for CPU minutes: width 64, depth 4, 4 heads, patch 4.
+  c.model.arch = "vit_custom"
+  c.model.patch_size = 4
+  c.model.embed_dim = 64
+  c.model.depth = 4
+  c.model.num_heads = 4
+  c.model.drop_path_rate = 0.0  # a 4-block net trained for minutes does not need regularising
+  c.model.head_hidden_dim = 256
+  c.model.head_bottleneck_dim = 64
+  c.out_dim = 256  # K 65536 would cost more than the backbone here
+  # BN in the head (a release option, off for ViT there): without it the run collapses to the
+  # uniform distribution within 150 steps (measured: teacher entropy ~ ln K, k-NN = random init).
+  c.model.use_bn_in_head = True
+
+  # Sharper teacher: 0.02 (release 0.04) gave 43% vs 34% 20-NN at 800 steps (measured).
+  c.teacher_temp = 0.02
+  c.warmup_teacher_temp = 0.02
+  c.momentum_teacher = 0.99  # 0.996 -> 1 over 2000 steps leaves the teacher nearly frozen
+  c.lr = 0.008  # x 64 / 256 = 2e-3 effective (release: 5e-4 at batch 256)
+  c.warmup_epochs = 1.0  # 125 steps (release: 10 epochs)
+
+  c.eval.after_training = True
+  c.eval.compare_random_init = True
+  c.eval.batch_size = 200
+  return c

@@ -1,0 +1,94 @@
+"""Workdir checkpoints: orbax CheckpointManager over the TrainState and the data iterator state.
+
+A workdir holds config.json and checkpoints/<step>/{state, data}. Every process calls save/restore
+(orbax writes each process's shards); restoring into an abstract state with shardings lays the
+arrays out on the current mesh, whatever mesh wrote them.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import ml_collections as mlc
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+from dino_jax import config as config_lib
+
+
+def manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+  """CheckpointManager on workdir/checkpoints with items 'state' and (optionally) 'data'."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                         read_only=read_only, enable_async_checkpointing=True)
+  return ocp.CheckpointManager(epath.Path(workdir) / "checkpoints", options=options,
+                               item_names=("state", "data"))
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iter: Any = None) -> None:
+  """Saves asynchronously (returns once the arrays are copied off the devices)."""
+  items = {"state": ocp.args.StandardSave(state)}
+  if data_iter is not None:
+    items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+  mngr.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+def restore(mngr: ocp.CheckpointManager, abstract_state: Any, data_iter: Any = None,
+            step: int | None = None) -> tuple[int, Any] | None:
+  """Restores the latest readable checkpoint (or `step`) into abstract_state's shardings.
+
+  A checkpoint that cannot be read is reported and the one before it tried. The data iterator, if
+  given, is set to its saved state in place. Returns (step, state), or None without checkpoints.
+  """
+  steps = [step] if step is not None else sorted(mngr.all_steps(), reverse=True)
+  for s in steps:
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    # Imported workdirs (import_torch) hold no iterator state: the data then starts afresh.
+    if data_iter is not None and (epath.Path(mngr.directory) / str(s) / "data").exists():
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    try:
+      restored = mngr.restore(s, args=ocp.args.Composite(**items))
+    except Exception as e:  # pylint: disable=broad-except
+      if step is not None:
+        raise
+      logging.error("checkpoint %s cannot be read (%s: %s); trying the previous one",
+                    os.path.join(str(mngr.directory), str(s)), type(e).__name__, e)
+      continue
+    return s, restored["state"]
+  return None
+
+
+def save_config(workdir: str, config: mlc.ConfigDict) -> None:
+  path = epath.Path(workdir)
+  path.mkdir(parents=True, exist_ok=True)
+  (path / "config.json").write_text(config_lib.to_json(config))
+
+
+def load_config(workdir: str) -> mlc.ConfigDict:
+  """The resolved config a workdir was trained (or imported) with."""
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
+    raise FileNotFoundError(f"{path} not found: not a dino_jax workdir (train or import_torch "
+                            "writes one)")
+  return config_lib.from_json(path.read_text())
+
+
+def restore_params(workdir: str, which: str = "teacher", step: int | None = None
+                   ) -> tuple[mlc.ConfigDict, dict[str, Any], int]:
+  """(config, params {'backbone', 'head'}, step) of the teacher or student of a workdir's latest
+  (or given) checkpoint, as host arrays: what evaluation and export need.
+  """
+  if which not in ("teacher", "student"):
+    raise ValueError(f"which={which!r}: expected 'teacher' or 'student'")
+  config = load_config(workdir)
+  mngr = manager(workdir, read_only=True)
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+  # Without a target, orbax restores the saved tree as nested dicts of numpy arrays.
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(None)))["state"]
+  key = "teacher_params" if which == "teacher" else "params"
+  return config, jax.tree.map(lambda x: x, restored[key]), step

@@ -1,0 +1,215 @@
+"""Training config: every key with the release's default, and validation before anything compiles.
+
+Config files in configs/ start from `base_config()` and change what their recipe changes. Keys are the
+paper's / release's names where it has one.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+
+import ml_collections as mlc
+
+from dino_jax.models.vit import SIZES
+
+
+def base_config() -> mlc.ConfigDict:
+  """The release's argument defaults (main_dino.py): ViT-S/16, 100 epochs, K = 65536."""
+  c = mlc.ConfigDict()
+  c.seed = 0
+  c.batch_size = 1024  # global: distinct images per optimizer step (the paper's 16 GPUs x 64)
+  c.epochs = 100
+  c.total_steps = 0  # > 0 overrides epochs
+  c.steps_per_epoch = 0  # 0: training images // batch_size (the release drops the last batch)
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.log_every_steps = 50
+  c.init_from = ""  # a workdir whose latest checkpoint's params start this run (not its step)
+
+  # Multi-crop.
+  c.local_crops_number = 8
+  c.global_crops_size = 224
+  c.local_crops_size = 96
+  c.global_crops_scale = (0.4, 1.0)
+  c.local_crops_scale = (0.05, 0.4)
+
+  # Objective.
+  c.out_dim = 65536
+  c.student_temp = 0.1
+  c.teacher_temp = 0.04
+  c.warmup_teacher_temp = 0.04
+  c.warmup_teacher_temp_epochs = 0
+  c.center_momentum = 0.9
+  c.momentum_teacher = 0.996
+
+  # Optimisation.
+  c.optimizer = "adamw"
+  c.lr = 0.0005  # for a global batch of 256, scaled linearly
+  c.min_lr = 1e-6
+  c.warmup_epochs = 10.0
+  c.weight_decay = 0.04
+  c.weight_decay_end = 0.4
+  c.clip_grad = 3.0
+  c.freeze_last_layer = 1.0  # epochs
+  c.grad_accum_steps = 1
+
+  c.model = mlc.ConfigDict()
+  c.model.arch = "vit_small"  # vit_tiny | vit_small | vit_base | vit_large | vit_custom
+  c.model.patch_size = 16
+  c.model.embed_dim = 0  # 0: the arch's size; set all three for vit_custom
+  c.model.depth = 0
+  c.model.num_heads = 0
+  c.model.drop_path_rate = 0.1  # student only
+  c.model.norm_last_layer = True
+  c.model.use_bn_in_head = False
+  c.model.head_nlayers = 3
+  c.model.head_hidden_dim = 2048
+  c.model.head_bottleneck_dim = 256
+  c.model.dtype = "float32"  # compute dtype; "bfloat16" on GPU/TPU (params stay float32)
+
+  c.mesh = mlc.ConfigDict()
+  c.mesh.data = -1  # -1: all devices not used by fsdp
+  c.mesh.fsdp = 1
+
+  c.data = mlc.ConfigDict()
+  c.data.source = "folder"  # shapes | folder | tfds
+  c.data.path = ""  # folder root
+  c.data.name = ""  # tfds name
+  c.data.train_split = "train"
+  c.data.eval_split = "val"
+  c.data.image_key = "image"
+  c.data.label_key = "label"
+  c.data.workers = 8
+  c.data.prefetch = 2
+  c.data.eval_resize = 256
+  c.data.cache_dir = ""
+  c.data.shapes_train_size = 8000
+  c.data.shapes_eval_size = 600
+  c.data.shapes_image_size = 32
+
+  c.aug = mlc.ConfigDict()
+  c.aug.flip_prob = 0.5
+  c.aug.color_jitter_prob = 0.8
+  c.aug.brightness = 0.4
+  c.aug.contrast = 0.4
+  c.aug.saturation = 0.2
+  c.aug.hue = 0.1
+  c.aug.grayscale_prob = 0.2
+  c.aug.blur_prob = (1.0, 0.1, 0.5)  # global crop 1, global crop 2, local crops
+  c.aug.blur_sigma = (0.1, 2.0)
+  c.aug.solarize_prob = (0.0, 0.2, 0.0)
+
+  c.eval = mlc.ConfigDict()
+  c.eval.after_training = False  # run k-NN and attention evaluations at the end of train
+  c.eval.batch_size = 256
+  c.eval.nb_knn = (10, 20, 100, 200)
+  c.eval.knn_temperature = 0.07
+  c.eval.attention_threshold = 0.6
+  c.eval.attention_images = 8
+  c.eval.compare_random_init = False  # also evaluate the same network at random init
+  return c
+
+
+def imagenet(arg: str | None = None) -> mlc.ConfigDict:
+  """base_config() reading ImageNet-1k from a folder (default: data.path with train/ and val/
+  class folders) or from TFDS (arg 'tfds': imagenet2012), bf16 compute, one checkpoint an epoch."""
+  c = base_config()
+  if arg == "tfds":
+    c.data.source = "tfds"
+    c.data.name = "imagenet2012"
+    c.data.eval_split = "validation"
+  elif arg:
+    raise ValueError(f"config arg {arg!r}: expected nothing (folder) or 'tfds'")
+  c.data.workers = 16
+  # The release trains in fp16 autocast with a loss scaler; bf16 keeps fp32's range and needs none.
+  c.model.dtype = "bfloat16"
+  c.checkpoint_every_steps = 1251  # 1,281,167 images // 1024
+  return c
+
+
+def steps(config: mlc.ConfigDict, num_train_images: int) -> tuple[int, int]:
+  """(steps_per_epoch, total_steps): the one place epochs become steps."""
+  per_epoch = config.steps_per_epoch or num_train_images // config.batch_size
+  total = config.total_steps if config.total_steps > 0 else config.epochs * per_epoch
+  return per_epoch, total
+
+
+def validate(config: mlc.ConfigDict, num_devices: int | None = None) -> None:
+  """Raises ValueError naming the key and value of anything impossible, before compiling."""
+
+  def fail(key, msg):
+    raise ValueError(f"config.{key}={config_value(config, key)!r}: {msg}")
+
+  for key in ("batch_size", "log_every_steps", "checkpoint_every_steps", "grad_accum_steps",
+              "out_dim", "model.patch_size", "global_crops_size", "local_crops_size"):
+    if config_value(config, key) <= 0:
+      fail(key, "must be positive")
+  for key in ("epochs", "total_steps", "local_crops_number", "steps_per_epoch", "warmup_epochs",
+              "warmup_teacher_temp_epochs", "freeze_last_layer", "model.drop_path_rate"):
+    if config_value(config, key) < 0:
+      fail(key, "must not be negative")
+  if config.epochs == 0 and config.total_steps == 0:
+    fail("total_steps", "set epochs or total_steps")
+  arch = config.model.arch
+  if arch not in SIZES and arch != "vit_custom":
+    close = difflib.get_close_matches(arch, list(SIZES) + ["vit_custom"], 1)
+    fail("model.arch", f"unknown architecture; expected one of {sorted(SIZES)} or vit_custom"
+         + (f" (did you mean {close[0]!r}?)" if close else ""))
+  if arch == "vit_custom" and not all(config.model[k] > 0 for k in ("embed_dim", "depth",
+                                                                     "num_heads")):
+    fail("model.arch", "vit_custom needs model.embed_dim, model.depth and model.num_heads")
+  p = config.model.patch_size
+  for key in ("global_crops_size", "local_crops_size"):
+    if config[key] % p:
+      fail(key, f"not a multiple of model.patch_size={p}")
+  for key in ("global_crops_scale", "local_crops_scale"):
+    lo, hi = config[key]
+    if not 0 < lo <= hi <= 1:
+      fail(key, "need 0 < min <= max <= 1")
+  if config.batch_size % config.grad_accum_steps:
+    fail("grad_accum_steps", f"does not divide batch_size={config.batch_size}")
+  if config.model.dtype not in ("float32", "bfloat16", "float16"):
+    fail("model.dtype", "expected float32, bfloat16 or float16")
+  if num_devices is not None:
+    fsdp = config.mesh.fsdp
+    if fsdp <= 0 or num_devices % fsdp:
+      fail("mesh.fsdp", f"must divide the {num_devices} devices")
+    data = config.mesh.data if config.mesh.data > 0 else num_devices // fsdp
+    if data * fsdp != num_devices:
+      fail("mesh.data", f"mesh.data x mesh.fsdp must equal the {num_devices} devices")
+    shards = data * fsdp * config.grad_accum_steps
+    if config.batch_size % shards:
+      fail("batch_size", f"not divisible by the {data * fsdp} batch shards"
+           + (f" x {config.grad_accum_steps} micro-batches" if config.grad_accum_steps > 1 else ""))
+  if config.data.source not in ("shapes", "folder", "tfds"):
+    close = difflib.get_close_matches(config.data.source, ["shapes", "folder", "tfds"], 1)
+    fail("data.source", "expected shapes, folder or tfds"
+         + (f" (did you mean {close[0]!r}?)" if close else ""))
+
+
+def config_value(config: mlc.ConfigDict, dotted: str):
+  for part in dotted.split("."):
+    config = config[part]
+  return config
+
+
+def to_json(config: mlc.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> mlc.ConfigDict:
+  """A config written by to_json, merged over base_config so old workdirs gain new keys."""
+  config = base_config()
+  _merge(config, json.loads(text))
+  return config
+
+
+def _merge(config: mlc.ConfigDict, values: dict) -> None:
+  for key, value in values.items():
+    if isinstance(value, dict) and key in config and isinstance(config[key], mlc.ConfigDict):
+      _merge(config[key], value)
+    elif key in config and isinstance(config[key], tuple) and isinstance(value, list):
+      config[key] = tuple(value)
+    else:
+      with config.unlocked():
+        config[key] = value

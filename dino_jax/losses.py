@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 
-def _crops(x: jax.Array, n: int | None = None) -> jax.Array:
+def _crops(x: jax.Array, n: int) -> jax.Array:
   """(n * B, K) or (n, B, K) -> (n, B, K) in float32."""
   x = x.astype(jnp.float32)
   return x if x.ndim == 3 else x.reshape(n, -1, x.shape[-1])
@@ -37,7 +37,8 @@ def dino_loss(student_out: jax.Array, teacher_out: jax.Array, center: jax.Array,
   """
   t = teacher_probs(teacher_out, center, teacher_temp, n_global)  # (G, B, K)
   b = t.shape[1]
-  log_s = jax.nn.log_softmax(_crops(student_out).reshape(-1, b, t.shape[-1]) / student_temp, -1)
+  s = student_out.astype(jnp.float32).reshape(-1, b, t.shape[2])  # (n_crops, B, K)
+  log_s = jax.nn.log_softmax(s / student_temp, -1)
   n = log_s.shape[0]
   # ce[i, v] = mean_b sum_k -P_t[i] log P_s[v]
   ce = -jnp.einsum("ibk,vbk->iv", t, log_s, precision=jax.lax.Precision.HIGHEST) / b

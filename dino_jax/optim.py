@@ -68,7 +68,9 @@ def dino_optimizer(*, learning_rate, weight_decay, clip_grad: float = 3.0,
     adamw = lambda: _adamw(learning_rate, weight_decay, b1, b2, eps)
     parts = {
         "rest": adamw(),
-        "last_layer": optax.transforms.conditionally_transform(
+        # conditionally_mask, not conditionally_transform: the latter passes the raw gradient
+        # through as the update while the condition is false.
+        "last_layer": optax.transforms.conditionally_mask(
             adamw(), lambda count: count >= freeze_last_layer_steps),
         "frozen": optax.set_to_zero(),
     }

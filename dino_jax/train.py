@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging as py_logging
 import math
 import os
 import signal
@@ -46,9 +47,12 @@ def build_models(config) -> tuple[MultiCropWrapper, MultiCropWrapper]:
 
   def wrapper(drop_path_rate):
     backbone = build_vit(m.arch, m.patch_size, drop_path_rate=drop_path_rate, **vit_kw)
+    # The head computes in float32 whatever the backbone's dtype: in bf16 the teacher's
+    # probabilities at temperature 0.04 were up to 4.7% off (fp16, the release's: 0.6%), for
+    # about 1% of the FLOPs of ViT-S/16.
     head = DINOHead(config.out_dim, use_bn=m.use_bn_in_head, norm_last_layer=m.norm_last_layer,
                     nlayers=m.head_nlayers, hidden_dim=m.head_hidden_dim,
-                    bottleneck_dim=m.head_bottleneck_dim, dtype=dtype)
+                    bottleneck_dim=m.head_bottleneck_dim, dtype=jnp.float32)
     return MultiCropWrapper(backbone, head)
 
   return wrapper(m.drop_path_rate), wrapper(0.0)
@@ -215,6 +219,19 @@ class _Preemption:
     return self.requested
 
 
+class _OwnInfoOnly(py_logging.Filter):
+  """INFO lines from dino_jax only; other libraries' (orbax logs every save step) from WARNING."""
+
+  def filter(self, record):
+    return record.levelno >= py_logging.WARNING or f"{os.sep}dino_jax{os.sep}" in record.pathname
+
+
+def quiet_library_logs() -> None:
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _OwnInfoOnly) for f in handler.filters):
+    handler.addFilter(_OwnInfoOnly())
+
+
 def _collapse_warning(metrics: dict[str, float], out_dim: int) -> str | None:
   ln_k = math.log(out_dim)
   if metrics["entropy"] > 0.95 * ln_k:
@@ -242,6 +259,7 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
   # -- Checks, before anything compiles. -------------------------------------------------------
   config_lib.validate(config, jax.device_count())
   pipeline.validate(config)
+  quiet_library_logs()
   is_main = jax.process_index() == 0
   if is_main:
     checkpoint.save_config(workdir, config)

@@ -1,0 +1,99 @@
+"""Speed of the jitted DINO step (multi-crop, K, batch from the config), on random uint8 crops.
+
+  python benchmarks/train_step.py --config configs/vit_small_imagenet.py \
+      --config.batch_size=16 --config.model.arch=vit_tiny --config.model.dtype=float32 --steps 10
+
+Prints a table and, as its last line, one JSON object: images_per_sec, step_ms (median after
+warm-up), compile_s, flops_per_image (XLA cost analysis of the whole step), mfu (against --peak_tflops
+when given), peak memory (device memory stats on GPU/TPU; process RSS on CPU).
+"""
+import functools
+import json
+import resource
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from dino_jax import sharding as sharding_lib
+from dino_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Training config.",
+                                          lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps after 2 warm-up steps.")
+_PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Peak dense TFLOP/s of the device, for MFU.")
+_AUGMENT = flags.DEFINE_bool("augment", True, "Include the on-device photometric augmentation.")
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
+  batch_sh = sharding_lib.batch_sharding(mesh)
+  student, teacher, tx, schedules, init = train.make_training(config, 100, 10000)
+  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+  state_sh = sharding_lib.state_shardings(mesh, abstract)
+  state = jax.jit(init, out_shardings=state_sh)(jax.random.PRNGKey(0))
+  b, g, l = config.batch_size, config.global_crops_size, config.local_crops_size
+  rng = np.random.default_rng(0)
+  batch = {"global": rng.integers(0, 256, (b, 2, g, g, 3), np.uint8)}
+  if config.local_crops_number:
+    batch["local"] = rng.integers(0, 256, (b, config.local_crops_number, l, l, 3), np.uint8)
+  batch = jax.device_put(batch, batch_sh)
+  augment = None
+  if _AUGMENT.value:
+    from dino_jax.data import augment as augment_lib  # pylint: disable=g-import-not-at-top
+    augment = augment_lib.device_augment(config)
+  step = jax.jit(
+      functools.partial(train.train_step, student=student, teacher=teacher, tx=tx,
+                        schedules=schedules, student_temp=config.student_temp,
+                        center_momentum=config.center_momentum,
+                        grad_accum_steps=config.grad_accum_steps, augment=augment),
+      in_shardings=(state_sh, batch_sh, sharding_lib.replicated(mesh)),
+      out_shardings=(state_sh, sharding_lib.replicated(mesh)), donate_argnums=0)
+  key = jax.random.PRNGKey(1)
+
+  t = time.perf_counter()
+  compiled = step.lower(state, batch, key).compile()
+  compile_s = time.perf_counter() - t
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", 0.0)) if cost else 0.0
+
+  for _ in range(2):
+    state, metrics = compiled(state, batch, key)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(_STEPS.value):
+    t = time.perf_counter()
+    state, metrics = compiled(state, batch, key)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t)
+  step_s = float(np.median(times))
+
+  dev = jax.devices()[0]
+  stats = dev.memory_stats() if dev.platform != "cpu" else None
+  peak_bytes = (stats or {}).get("peak_bytes_in_use",
+                                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+  result = {
+      "device": dev.device_kind, "devices": jax.device_count(), "arch": config.model.arch,
+      "patch_size": config.model.patch_size, "dtype": config.model.dtype, "batch_size": b,
+      "crops": f"2x{g}+{config.local_crops_number}x{l}", "out_dim": config.out_dim,
+      "step_ms": 1e3 * step_s, "images_per_sec": b / step_s, "compile_s": compile_s,
+      "flops_per_image": flops / b,
+      "tflops_per_sec": flops / step_s / 1e12,
+      "mfu": (flops / step_s / 1e12 / (_PEAK.value * jax.device_count())) if _PEAK.value else None,
+      "peak_memory_gb": peak_bytes / 2**30,
+      "memory": "device peak" if stats else "process max RSS",
+      "loss_finite": bool(jnp.isfinite(metrics["loss"])),
+  }
+  for k, v in result.items():
+    print(f"{k:>16}: {v:.4g}" if isinstance(v, float) else f"{k:>16}: {v}")
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,134 @@
+"""grain input pipelines: multi-crop training batches, padded evaluation batches, sharded arrays.
+
+Training: source -> shuffle (seed, reshuffled each epoch) -> repeat -> MultiCrop (host crops and
+flips, deterministic from (seed, epoch, index)) -> this process's slice -> batch -> threads or
+`config.data.workers` processes. The slice is taken from the one global stream (process p reads
+positions p, p + P, ...), so the images of global step s are the same whatever the number of
+processes, and the batches the same whatever the number of workers. Batches run across epoch
+boundaries (no image is dropped; an epoch is len(source) // batch_size steps, as the release's
+drop_last). The iterator is checkpointed with grain's own state (get_state / set_state; through
+orbax with grain.checkpoint.CheckpointSave / CheckpointRestore).
+
+Shapes: B per-process batch, G = 2 global crops, L local crops.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Iterator
+
+import grain
+import jax
+import ml_collections as mlc
+import numpy as np
+from absl import flags
+
+from dino_jax.data import augment
+from dino_jax.data.sources import make_source
+
+
+def train_dataset(config: mlc.ConfigDict, *, process_index: int, process_count: int,
+                  source=None) -> grain.IterDataset:
+  """Endless multi-crop batches for this process.
+
+  Elements: {'global': uint8 (B, G, H, W, 3), 'local': uint8 (B, L, h, w, 3)} (no 'local' without
+  local crops), B = config.batch_size // process_count. `source` overrides
+  make_source(config, config.data.train_split).
+  """
+  if config.batch_size % process_count:
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
+                     f"{process_count} processes")
+  d = config.data
+  if source is None:
+    source = make_source(config, d.train_split, min_side=_train_min_side(config))
+  ds = (grain.MapDataset.source(source).seed(config.seed).shuffle().repeat()
+        .random_map(augment.MultiCrop.from_config(config)))
+  ds = ds[process_index::process_count].batch(config.batch_size // process_count,
+                                              drop_remainder=True)
+  return _prefetch(ds, d)
+
+
+def eval_batches(config: mlc.ConfigDict, split: str, batch_size: int, *, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """Every image of `split` once, in order, in batches of this process's share.
+
+  Elements: {'image': uint8 (B, H, W, 3), 'label': int32 (B,) (-1 without labels), 'valid': bool
+  (B,)} plus 'object_mask': bool (B, H, W) where the source has masks. Images are the eval
+  transform's (shorter side resized to data.eval_resize, bicubic, centre crop global_crops_size),
+  `shapes` images as generated. Process p reads a contiguous share; every process yields the same
+  number of batches, the last ones padded with valid = False.
+  """
+  d = config.data
+  source = make_source(config, split, min_side=d.eval_resize)
+  n = len(source)
+  share = math.ceil(n / process_count)
+  start, stop = min(process_index * share, n), min((process_index + 1) * share, n)
+  num_batches = math.ceil(share / batch_size)
+  transform = functools.partial(_eval_record, resize=None if d.source == "shapes" else
+                                d.eval_resize, crop=config.global_crops_size)
+  pad = functools.partial(grain.experimental.batch_and_pad, batch_size=batch_size)
+  ds = grain.MapDataset.source(source)[start:stop].map(transform).batch(batch_size, batch_fn=pad)
+  done = 0
+  if stop > start:
+    for batch in _prefetch(ds, d):
+      done += 1
+      yield batch
+  if done < num_batches:
+    padding = pad([transform(source[0])])
+    padding["valid"][:] = False
+    for _ in range(num_batches - done):
+      yield padding
+
+
+def global_batch(local_batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding
+                 ) -> dict[str, jax.Array]:
+  """This process's rows of every key -> global arrays laid out with `sharding` (batch axis)."""
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def num_examples(config: mlc.ConfigDict, split: str) -> int:
+  return len(make_source(config, split))
+
+
+def validate(config: mlc.ConfigDict) -> None:
+  """Raises, naming the path / name / count, for data that training (and the evaluations it is
+  configured to run) cannot use: unknown source, missing or empty folder, unprepared TFDS
+  dataset, fewer training images than one global batch."""
+  source = make_source(config, config.data.train_split)
+  if len(source) < config.batch_size:
+    raise ValueError(f"{source!r}: {len(source)} training images, fewer than one global batch "
+                     f"(config.batch_size={config.batch_size})")
+  if config.get("eval") and config.eval.get("after_training"):
+    make_source(config, config.data.eval_split)
+
+
+def _train_min_side(config: mlc.ConfigDict) -> int:
+  """The shorter image side below which the smallest crop (min scale, most extreme ratio) would
+  have fewer pixels than its output: JPEGs may be decoded down to it (Image.draft)."""
+  return max(math.ceil(size / math.sqrt(min(augment.RATIO) * scale[0])) for size, scale in (
+      (config.global_crops_size, config.global_crops_scale),
+      (config.local_crops_size, config.local_crops_scale)))
+
+
+def _eval_record(record: dict, resize: int | None, crop: int) -> dict[str, np.ndarray]:
+  image = record["image"] if resize is None else augment.eval_transform(record["image"], resize,
+                                                                          crop)
+  out = {"image": image, "label": np.int32(record["label"]), "valid": np.True_}
+  if "object_mask" in record:
+    out["object_mask"] = record["object_mask"]
+  return out
+
+
+def _prefetch(ds: grain.MapDataset, d: mlc.ConfigDict) -> grain.IterDataset:
+  """Batches computed ahead by data.threads threads, in data.workers processes if > 0."""
+  threads = d.get("threads", 1)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                            prefetch_buffer_size=max(d.prefetch, threads)))
+  if d.workers > 0:
+    # grain 0.2.18 reads an absl flag when starting workers and raises if flags are unparsed,
+    # as outside absl.app (tests, notebooks): google/grain#1355, fixed upstream.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.workers,
+                                                     per_worker_buffer_size=d.prefetch))
+  return it

@@ -1,0 +1,137 @@
+"""Frozen-backbone features over the mesh: batches sharded, params replicated, padding dropped.
+
+Shapes: B batch, H x W image, D backbone width, n last blocks.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import time
+from typing import Any, Callable, Iterable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from dino_jax import checkpoint
+from dino_jax import sharding as sharding_lib
+from dino_jax import train as train_lib
+from dino_jax.data import pipeline
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+  """(..., D) -> unit rows (torch's F.normalize: norms clamped at 1e-12)."""
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def cls_features(backbone: nn.Module, params: Any, images: jax.Array) -> jax.Array:
+  """uint8 or [0, 1] images (B, H, W, 3) -> L2-normalised final-LN [CLS] features (B, D)."""
+  return l2_normalize(backbone.apply({"params": params}, train_lib.normalize(images)))
+
+
+def linear_features(backbone: nn.Module, params: Any, images: jax.Array, n_last_blocks: int = 4,
+                    avgpool_patchtokens: bool = False) -> jax.Array:
+  """The linear probe's input: the [CLS] of the last n blocks (each final-LN-normed), concatenated.
+
+  With avgpool_patchtokens (the release's ViT-B setting, n_last_blocks 1) the mean of the last
+  block's patch tokens joins the [CLS] feature, interleaved as the release's
+  cat((cls[..., None], mean[..., None]), -1).reshape(B, -1) orders them: (B, n * D) or (B, 2 * D).
+  """
+  if avgpool_patchtokens and n_last_blocks != 1:
+    raise ValueError("avgpool_patchtokens needs n_last_blocks=1 (as in the release)")
+  tokens = backbone.apply({"params": params}, train_lib.normalize(images), n_last_blocks,
+                          method="get_intermediate_layers")  # n x (B, T, D)
+  out = jnp.concatenate([t[:, 0] for t in tokens], axis=-1)
+  if avgpool_patchtokens:
+    out = jnp.stack([out, jnp.mean(tokens[-1][:, 1:], axis=1)], -1).reshape(out.shape[0], -1)
+  return out
+
+
+def local_batch_size(batch_size: int, mesh: Mesh) -> int:
+  """This process's share of a global batch, rounded up to split evenly over its devices."""
+  local_devices = mesh.size // jax.process_count()
+  return math.ceil(math.ceil(batch_size / jax.process_count()) / local_devices) * local_devices
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_step(fn, mesh: Mesh):
+  """jit of fn plus the rows' valid flags and labels; cached, so repeated extractions with the
+  same fn (an epoch's evaluation, a second model) compile once."""
+  batch_sh, repl = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
+
+  def step(p, batch):
+    out = {"fn": fn(p, batch), "valid": batch["valid"]}
+    if "label" in batch:
+      out["label"] = batch["label"]
+    return out
+
+  return jax.jit(step, in_shardings=(repl, batch_sh), out_shardings=batch_sh)
+
+
+def extract(fn: Callable[[Any, dict[str, jax.Array]], dict[str, Any]], params: Any,
+            batches: Iterable[dict[str, np.ndarray]], mesh: Mesh
+            ) -> tuple[dict[str, Any], dict[str, float]]:
+  """Runs jit(fn)(params, batch) over every batch and returns its outputs for the valid rows.
+
+  Args:
+    fn: (params, batch) -> a dict (nesting allowed) of per-example arrays (B, ...); batch holds
+      the sharded arrays of the input batch ('image', 'label', 'valid', ...).
+    params: any pytree of host or device arrays, replicated on the mesh.
+    batches: this process's batches, {'image': (B, H, W, 3), 'valid': (B,), ...}; rows with
+      valid False (the padded last batch) are dropped, so each example counts once.
+    mesh: the batch axis is split over all of its devices.
+  Returns:
+    (outputs, stats): fn's dict of numpy arrays (N, ...) over all processes, in batch order,
+    with 'label' added when the batches have labels; stats {'examples', 'seconds',
+    'examples_per_sec'}, timed from the end of the first (compiling) batch.
+  """
+  batch_sh, repl = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
+  step = _jitted_step(fn, mesh)
+  params = jax.device_put(params, repl)
+  # All processes' rows (a plain copy when this process holds them all).
+  fetch = jax.device_get if jax.process_count() == 1 else functools.partial(
+      multihost_utils.process_allgather, tiled=True)
+  host, pending, t0, n_first = [], None, None, 0
+  t_start = time.perf_counter()
+  for batch in batches:
+    out = step(params, pipeline.global_batch(batch, batch_sh))
+    if pending is not None:
+      host.append(fetch(pending))
+    pending = out
+    if t0 is None:
+      jax.block_until_ready(out)
+      t0, n_first = time.perf_counter(), int(np.sum(jax.device_get(out["valid"])))
+  if pending is None:
+    raise ValueError("no batches to extract features from")
+  host.append(fetch(pending))
+  t_end = time.perf_counter()
+  valid = np.concatenate([h["valid"] for h in host]).astype(bool)
+  outputs = jax.tree.map(lambda *xs: np.concatenate(xs)[valid], *[h["fn"] for h in host])
+  if "label" in host[0]:
+    outputs = {**outputs, "label": np.concatenate([h["label"] for h in host])[valid]}
+  n = int(valid.sum())
+  # The first batch compiles: the rate counts the others, unless there is only one.
+  timed_n, timed_s = (n - n_first, t_end - t0) if n > n_first else (n, t_end - t_start)
+  return outputs, {"examples": n, "seconds": t_end - t_start,
+                   "examples_per_sec": timed_n / max(timed_s, 1e-9)}
+
+
+def load_backbone(workdir: str, which: str = "teacher", step: int | None = None
+                  ) -> tuple[mlc.ConfigDict, nn.Module, Any, int]:
+  """(config, backbone module, backbone params, step) from a workdir's latest (or given)
+  checkpoint: the teacher by default, or the student."""
+  config, params, step = checkpoint.restore_params(workdir, which, step)
+  student, teacher = train_lib.build_models(config)
+  return config, (teacher if which == "teacher" else student).backbone, params["backbone"], step
+
+
+def random_init_backbone(config: mlc.ConfigDict) -> Any:
+  """The backbone params a run of this config starts from (the student's init from config.seed,
+  which the teacher copies): the baseline that shows what training added."""
+  *_, init = train_lib.make_training(config, 1, 1)
+  init_rng, _ = jax.random.split(jax.random.PRNGKey(config.seed))  # as train_and_evaluate
+  return jax.jit(lambda rng: init(rng).params["backbone"])(init_rng)

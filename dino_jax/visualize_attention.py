@@ -1,0 +1,116 @@
+"""Self-attention maps of the last block's [CLS] query on any image, one per head, with their masks.
+
+  python -m dino_jax.visualize_attention --workdir DIR [--which teacher|student] \
+      --image IMG --output OUTDIR [--threshold 0.6] [--image_size 480]
+  python -m dino_jax.visualize_attention --weights FILE.pth --arch vit_small --patch_size 8 \
+      --image IMG --output OUTDIR
+
+--weights: a backbone state_dict (the release's published files), a MultiCropWrapper state_dict or
+the release's full checkpoint (its --which network), read by import_torch.load_file and
+convert.torch_to_flax, in memory (no workdir is written). As the release: --image_size 480
+(one value) resizes the shorter side, two values give height and width (default 480 480); the
+image is then cut to a multiple of the patch size. OUTDIR gets img.png, attn-head{j}.png,
+mask_th{threshold}_head{j}.png and attention.png (the grid: image, each head's map, each mask).
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import traverse_util
+
+from dino_jax import attention, convert
+from dino_jax.evaluate import features
+from dino_jax.models import VisionTransformer, build_vit
+
+
+def _define_flags() -> None:
+  flags.DEFINE_string("workdir", None, "A dino_jax workdir; or give --weights.")
+  flags.DEFINE_enum("which", "teacher", ["teacher", "student"], "Network of --workdir (or of a "
+                    "full checkpoint given as --weights).")
+  flags.DEFINE_string("weights", None, "PyTorch weights (.pth, .safetensors, ...), as "
+                      "import_torch reads them.")
+  flags.DEFINE_string("arch", "vit_small", "With --weights: vit_tiny | vit_small | vit_base | "
+                      "vit_large (checked against the weights).")
+  flags.DEFINE_integer("patch_size", None, "With --weights: checked against the weights (read "
+                       "from them when left out).")
+  flags.DEFINE_string("image", None, "Image file.")
+  flags.DEFINE_string("output", None, "Directory for the PNG files.")
+  flags.DEFINE_float("threshold", 0.6, "Share of each head's attention mass its mask keeps.")
+  flags.DEFINE_list("image_size", ["480", "480"], "One value: the shorter side; two: height,width.")
+  flags.mark_flags_as_required(["image", "output"])
+
+
+def maps_for_image(backbone, params, image: np.ndarray) -> np.ndarray:
+  """uint8 (H, W, 3) -> the [CLS] attention maps (heads, H / p, W / p)."""
+  fn = jax.jit(attention.cls_attention, static_argnums=0)
+  return np.asarray(fn(backbone, params, image[None]))[0]
+
+
+def load_weights(path: str, arch: str, patch_size: int | None, which: str = "teacher"
+                 ) -> tuple[VisionTransformer, Any]:
+  """(backbone, params) from PyTorch weights, in memory: a backbone state_dict (the release's
+  published files), a MultiCropWrapper one, or a full checkpoint's `which` network. The model is
+  `arch` with the file's patch size and position-embedding grid; every tensor's shape is checked."""
+  from dino_jax import import_torch  # pylint: disable=g-import-not-at-top (needs torch)
+  obj, _ = import_torch.load_file(path)
+  state_dict = obj[which] if isinstance(obj.get(which), dict) else obj
+  params = convert.torch_to_flax(state_dict)
+  params = params.get("backbone", params)
+  p = params["patch_embed"]["kernel"].shape[0]
+  if patch_size is not None and patch_size != p:
+    raise ValueError(f"{path} has patch size {p} (patch_embed.proj.weight), not {patch_size}")
+  grid = math.isqrt(params["pos_embed"].shape[1] - 1)
+  backbone = build_vit(arch, p, img_size=grid * p)
+  target = jax.eval_shape(backbone.init, jax.random.PRNGKey(0),
+                          jax.ShapeDtypeStruct((1, grid * p, grid * p, 3), jnp.float32))["params"]
+  have = {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(params).items()}
+  need = {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(target).items()}
+  wrong = [f"{k}: {have.get(k, 'missing')} in the file, {arch} needs {s}"
+           for k, s in need.items() if have.get(k) != s]
+  wrong += [f"{k}: not in {arch}" for k in have.keys() - need.keys()]
+  if wrong:
+    raise ValueError(f"{path} does not fit {arch}/{p}: " + "; ".join(sorted(wrong)[:5]))
+  return backbone, params
+
+
+def main(argv) -> None:
+  del argv
+  f = flags.FLAGS
+  if (f.workdir is None) == (f.weights is None):
+    sys.exit("visualize_attention: give exactly one of --workdir and --weights")
+  try:
+    size = [int(s) for s in f.image_size]
+    if len(size) not in (1, 2):
+      raise ValueError(f"--image_size {f.image_size}: one or two values")
+    if f.weights is not None:
+      backbone, params = load_weights(f.weights, f.arch, f.patch_size, f.which)
+      source = f.weights
+    else:
+      _, backbone, params, step = features.load_backbone(f.workdir, f.which)
+      source = f"{f.which} at step {step}"
+    image = attention.load_image(f.image, size, backbone.patch_size)
+  except (ValueError, FileNotFoundError, OSError) as e:
+    sys.exit(f"visualize_attention: {e}")
+  maps = maps_for_image(backbone, params, image)
+  paths = attention.save_heads(f.output, image, maps, backbone.patch_size, f.threshold)
+  grid = os.path.join(f.output, "attention.png")
+  attention.plot_grid(grid, image[None], maps[None], backbone.patch_size, f.threshold)
+  masks = np.asarray(attention.mass_masks(maps, f.threshold))
+  print(f"{f.image}: {image.shape[0]}x{image.shape[1]} px, {maps.shape[0]} heads on a "
+        f"{maps.shape[1]}x{maps.shape[2]} patch grid ({source})")
+  print(f"{'head':>4}  {'mask patches':>12}  {'peak share':>10}")
+  for j in range(maps.shape[0]):
+    print(f"{j:>4}  {masks[j].mean():12.1%}  {maps[j].max() / maps[j].sum():10.1%}")
+  print(f"wrote {len(paths) + 1} files to {f.output}: {grid}, ...")
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,213 @@
+"""Multi-crop augmentation against torchvision: crops, eval transform, photometric ops, rates."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import stats
+
+from dino_jax import config as config_lib
+from dino_jax.data import augment
+
+torch = pytest.importorskip("torch")
+T = pytest.importorskip("torchvision.transforms")
+F = pytest.importorskip("torchvision.transforms.functional")
+
+
+def _image(h, w, seed=0):
+  return (np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host: crops.
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scale", [(0.4, 1.0), (0.05, 0.4)])
+def test_random_resized_crop_box_distribution_matches_torchvision(scale):
+  n, (h, w) = 3000, (375, 500)
+  rng = np.random.default_rng(0)
+  ours = np.array([augment.random_resized_crop_box(rng, w, h, scale) for _ in range(n)])
+  torch.manual_seed(0)
+  img = torch.zeros(3, h, w)
+  theirs = np.array([T.RandomResizedCrop.get_params(img, list(scale), [3 / 4, 4 / 3])
+                     for _ in range(n)])
+  for boxes in (ours, theirs):
+    top, left, bh, bw = boxes.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + bh <= h).all() and (left + bw <= w).all()
+  top, left, bh, bw = ours.T
+  area, ratio = bh * bw / (h * w), bw / bh
+  slack = 2 * (bh + bw) / (h * w)  # integer rounding of the sides
+  assert (area >= scale[0] - slack).all() and (area <= scale[1] + slack).all()
+  assert (ratio >= 3 / 4 * (1 - 2 / bh)).all() and (ratio <= 4 / 3 * (1 + 2 / bh)).all()
+  for k, name in enumerate(["top", "left", "h", "w"]):  # same distributions as torchvision's
+    assert stats.ks_2samp(ours[:, k], theirs[:, k]).pvalue > 1e-3, name
+  assert stats.ks_2samp(area, theirs[:, 2] * theirs[:, 3] / (h * w)).pvalue > 1e-3
+
+
+def test_random_resized_crop_fallback_is_torchvision_centre_crop():
+  rng = np.random.default_rng(0)
+  for w, h in ((100, 10), (10, 100), (30, 30)):  # no try can fit: the centre-crop fallback
+    expected = T.RandomResizedCrop.get_params(torch.zeros(3, h, w), [1.5, 2.0], [3 / 4, 4 / 3])
+    assert augment.random_resized_crop_box(rng, w, h, (1.5, 2.0)) == tuple(expected)
+
+
+@pytest.mark.parametrize("box,size", [((10, 20, 150, 200), 96), ((0, 0, 375, 500), 224),
+                                      ((3, 7, 64, 64), 64), ((100, 50, 31, 17), 224)])
+def test_resized_crop_is_torchvision_bicubic_on_pil(box, size):
+  img = Image.fromarray(_image(375, 500))
+  expected = np.asarray(F.resized_crop(img, *box, [size, size], T.InterpolationMode.BICUBIC))
+  np.testing.assert_array_equal(augment.resized_crop(img, box, size), expected)
+
+
+@pytest.mark.parametrize("hw", [(375, 500), (500, 375), (256, 256), (40, 30)])
+def test_eval_transform_is_torchvision_resize_and_centre_crop(hw):
+  image = _image(*hw)
+  tf = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224)])
+  np.testing.assert_array_equal(augment.eval_transform(image, 256, 224),
+                                np.asarray(tf(Image.fromarray(image))))
+
+
+def test_multicrop_shapes_determinism_and_flip_rate():
+  mc = augment.MultiCrop(32, 16, 4, (0.4, 1.0), (0.05, 0.4), flip_prob=0.5)
+  ramp = np.broadcast_to(np.linspace(0, 255, 48).astype(np.uint8)[None, :, None], (40, 48, 3))
+  record = {"image": np.ascontiguousarray(ramp)}
+  out = mc.random_map(record, np.random.default_rng(1))
+  assert out["global"].shape == (2, 32, 32, 3) and out["local"].shape == (4, 16, 16, 3)
+  assert out["global"].dtype == np.uint8
+  again = mc.random_map(record, np.random.default_rng(1))
+  np.testing.assert_array_equal(out["local"], again["local"])
+  # A left-to-right ramp stays increasing unless flipped.
+  rng = np.random.default_rng(2)
+  flipped = []
+  for _ in range(500):
+    o = mc.random_map(record, rng)
+    for crops in (o["global"], o["local"]):
+      flipped.extend(crops[:, :, 0, 0].astype(int).mean(1) > crops[:, :, -1, 0].astype(int).mean(1))
+  assert abs(np.mean(flipped) - 0.5) < 4 * np.sqrt(0.25 / len(flipped))
+  none = augment.MultiCrop(32, 16, 0, (0.4, 1.0), (0.05, 0.4), flip_prob=0.0)
+  o = none.random_map(record, rng)
+  assert "local" not in o and (np.diff(o["global"][..., 0].astype(int), axis=-1) >= 0).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Device: photometric ops against torchvision.transforms.functional on float tensors.
+# ----------------------------------------------------------------------------------------------
+def _torch(x):  # (..., H, W, 3) -> (..., 3, H, W)
+  return torch.from_numpy(np.moveaxis(np.asarray(x), -1, -3).copy())
+
+
+def _numpy(t):
+  return np.moveaxis(t.numpy(), -3, -1)
+
+
+@pytest.fixture(scope="module")
+def images():
+  rng = np.random.default_rng(0)
+  x = rng.random((4, 19, 23, 3)).astype(np.float32)
+  x[0] = x[0, :1, :1]  # a flat image
+  x[1, ..., 1] = x[1, ..., 0]  # ties between channels
+  return x
+
+
+@pytest.mark.parametrize("name,factors", [
+    ("brightness", (0.6, 1.0, 1.4, 1.2)), ("contrast", (0.6, 1.0, 1.4, 0.0)),
+    ("saturation", (0.8, 1.0, 1.2, 0.0)), ("hue", (-0.1, 0.0, 0.1, 0.5))])
+def test_colour_ops_match_torchvision(images, name, factors):
+  """Each op alone: first in the order, the others at their identity (hue 0 is a round trip)."""
+  names = ["brightness", "contrast", "saturation", "hue"]
+  op = names.index(name)
+  n = len(images)
+  p = {k: jnp.full((n,), 0.0 if k == "hue" else 1.0) for k in names}
+  p[name] = jnp.asarray(factors)
+  p["order"] = jnp.asarray([[op] + [i for i in range(4) if i != op]] * n)
+  ours = jax.jit(augment.color_jitter)(images, p)
+  tv = getattr(F, f"adjust_{name}")
+  theirs = np.stack([_numpy(tv(_torch(im), f)) for im, f in zip(images, factors)])
+  np.testing.assert_allclose(ours, theirs, atol=2e-6)
+  if name == "hue":
+    np.testing.assert_allclose(jax.jit(augment.adjust_hue)(images, p["hue"]), theirs, atol=2e-6)
+
+
+def test_grayscale_blur_solarize_match_torchvision(images):
+  x = jnp.asarray(images)
+  np.testing.assert_allclose(jnp.broadcast_to(augment.grayscale(x), x.shape),
+                             _numpy(F.rgb_to_grayscale(_torch(images), 3)), atol=1e-6)
+  sigmas = (0.1, 0.7, 1.3, 2.0)
+  k = augment.blur_kernel_size(2.0, 19)
+  assert k == 13
+  ours = jax.jit(augment.gaussian_blur, static_argnums=2)(x, jnp.asarray(sigmas), k)
+  theirs = np.stack([_numpy(F.gaussian_blur(_torch(im), [k, k], [s, s]))
+                     for im, s in zip(images, sigmas)])
+  np.testing.assert_allclose(ours, theirs, atol=1e-6)
+  np.testing.assert_allclose(augment.solarize(x), _numpy(F.solarize(_torch(images), 128 / 255)))
+  assert augment.blur_kernel_size(2.0, 5) == 9  # reflect padding needs half < side
+
+
+def test_photometric_replays_as_torchvision_with_the_same_draws():
+  c = config_lib.base_config()
+  shape = (6, 3)
+  x = np.random.default_rng(1).random(shape + (12, 12, 3)).astype(np.float32)
+  half = jnp.full((3,), 0.5)
+  p = augment.sample_params(jax.random.PRNGKey(0), shape, c.aug, half, half)
+  with jax.numpy_dtype_promotion("strict"):
+    ours = jax.jit(augment.photometric, static_argnums=2)(jnp.asarray(x), p, 9)
+  p = jax.tree.map(np.asarray, p)
+  ops = [F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue]
+  names = ["brightness", "contrast", "saturation", "hue"]
+  for idx in np.ndindex(shape):
+    t = _torch(x[idx])
+    if p["jitter"][idx]:
+      for op in p["order"][idx]:
+        t = ops[op](t, float(p[names[op]][idx]))
+    if p["gray"][idx]:
+      t = F.rgb_to_grayscale(t, 3)
+    if p["blur"][idx]:
+      t = F.gaussian_blur(t, [9, 9], [float(p["sigma"][idx])] * 2)
+    if p["solarize"][idx]:
+      t = F.solarize(t, 128 / 255)
+    np.testing.assert_allclose(ours[idx], _numpy(t), atol=1e-5, err_msg=str(idx))
+
+
+def test_param_rates_and_ranges():
+  c = config_lib.base_config()
+  a = c.aug
+  n = 20000
+  p = augment.sample_params(jax.random.PRNGKey(3), (n, 3), a, jnp.asarray(a.blur_prob),
+                            jnp.asarray(a.solarize_prob))
+  p = jax.tree.map(np.asarray, p)
+  tol = lambda q: 4 * np.sqrt(q * (1 - q) / n) + 1e-9
+  for key, probs in (("jitter", [0.8] * 3), ("gray", [0.2] * 3), ("blur", a.blur_prob),
+                     ("solarize", a.solarize_prob)):
+    for crop, q in enumerate(probs):
+      assert abs(p[key][:, crop].mean() - q) <= tol(q), (key, crop)
+  for key, (lo, hi) in (("brightness", (0.6, 1.4)), ("contrast", (0.6, 1.4)),
+                        ("saturation", (0.8, 1.2)), ("hue", (-0.1, 0.1)), ("sigma", (0.1, 2.0))):
+    v = p[key].ravel()
+    assert lo <= v.min() and v.max() <= hi and stats.kstest(v, "uniform", (lo, hi - lo)).pvalue > 1e-3
+  np.testing.assert_array_equal(np.sort(p["order"], -1), np.broadcast_to(np.arange(4), (n, 3, 4)))
+  first = np.bincount(p["order"][..., 0].ravel(), minlength=4) / (3 * n)
+  assert np.abs(first - 0.25).max() < 0.01  # each op equally likely first
+
+
+def test_device_augment_grayscale_and_solarize_rates_end_to_end():
+  c = config_lib.base_config()
+  n = 2000
+  rng = np.random.default_rng(0)
+  colour = (rng.random((n, 1, 1, 1, 3)) * 0.5 * 255).astype(np.uint8) + np.uint8([0, 60, 128])
+  batch = {"global": np.broadcast_to(colour, (n, 2, 4, 4, 3)),
+           "local": np.broadcast_to(colour, (n, 3, 4, 4, 3))}
+  out = jax.jit(augment.device_augment(c))(jax.random.PRNGKey(0), batch)
+  assert out["global"].dtype == jnp.float32 and out["local"].shape == (n, 3, 4, 4, 3)
+  for crops in (out["global"], out["local"]):
+    crops = np.asarray(crops)
+    assert crops.min() >= -1e-6 and crops.max() <= 1 + 1e-6  # blur weights sum to 1 +- ulp
+    gray = (crops[..., 0] == crops[..., 1]).all((-2, -1)) & (crops[..., 1] == crops[..., 2]).all(
+        (-2, -1))
+    assert np.abs(gray.mean(0) - 0.2).max() < 4 * np.sqrt(0.16 / n)
+  # Only solarisation moves a pixel across 0.5 when nothing else is applied.
+  c.aug.color_jitter_prob = c.aug.grayscale_prob = 0.0
+  c.aug.blur_prob = (0.0, 0.0, 0.0)
+  out = jax.jit(augment.device_augment(c))(jax.random.PRNGKey(1), batch)
+  x = np.asarray(batch["global"][:, :, 0, 0], np.float32) / 255
+  solarized = ~np.isclose(np.asarray(out["global"])[:, :, 0, 0], x).all(-1)
+  assert solarized[:, 0].sum() == 0 and abs(solarized[:, 1].mean() - 0.2) < 4 * np.sqrt(0.16 / n)
+  np.testing.assert_allclose(np.asarray(out["local"]), batch["local"] / 255, atol=1e-6)

@@ -1,0 +1,170 @@
+"""The evaluation commands end to end on a tiny workdir of the embedded shapes data: eval_knn,
+eval_linear (and its resume), visualize_attention (--workdir and --weights), and the main job's
+report (report.run), each checked against a computation that bypasses the code under test."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import matplotlib
+import numpy as np
+import pytest
+from PIL import Image
+
+from dino_jax import checkpoint, train
+from dino_jax import config as config_lib
+from dino_jax.data.sources import make_source
+from test_knn import brute_force
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+
+
+def tiny_config():
+  c = config_lib.base_config()
+  c.data.source = "shapes"
+  c.data.shapes_image_size = c.global_crops_size = 16
+  c.data.shapes_train_size, c.data.shapes_eval_size = 96, 40
+  c.local_crops_size, c.local_crops_number = 8, 2
+  c.model.arch, c.model.patch_size = "vit_custom", 4
+  c.model.embed_dim, c.model.depth, c.model.num_heads = 16, 2, 2
+  c.model.head_hidden_dim, c.model.head_bottleneck_dim, c.out_dim = 32, 16, 32
+  c.model.use_bn_in_head = True
+  c.data.workers = 0
+  c.eval.batch_size = 16
+  c.eval.nb_knn = (5, 20)
+  c.eval.attention_images = 3
+  c.eval.compare_random_init = True
+  c.eval.linear_epochs = 2
+  c.eval.linear_batch_size = 32
+  c.eval.linear_lr = 0.01
+  c.eval.linear_n_last_blocks = 2
+  return c
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """A workdir whose checkpoint holds the fresh state of the config's seed, derived as
+  train_and_evaluate derives it: its teacher *is* the random init."""
+  config = tiny_config()
+  wd = str(tmp_path_factory.mktemp("evalwd"))
+  *_, init = train.make_training(config, 1, 1)
+  init_rng, _ = jax.random.split(jax.random.PRNGKey(config.seed))
+  checkpoint.save_config(wd, config)
+  mngr = checkpoint.manager(wd)
+  checkpoint.save(mngr, 3, jax.jit(init)(init_rng))
+  mngr.wait_until_finished()
+  mngr.close()
+  return wd
+
+
+def cli(name, *args):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-m", f"dino_jax.{name}", *args], env=env, cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, f"{name} failed:\n{proc.stderr[-3000:]}"
+  return proc.stdout
+
+
+def teacher_features(wd, split):
+  """[CLS] features straight from the source's images and the backbone, no pipeline or extract."""
+  config, params, _ = checkpoint.restore_params(wd)
+  source = make_source(config, split)
+  images = np.stack([source[i]["image"] for i in range(len(source))])
+  labels = np.array([source[i]["label"] for i in range(len(source))])
+  vit = train.build_models(config)[1].backbone
+  f = np.asarray(jax.jit(lambda p, x: vit.apply({"params": p}, x))(
+      params["backbone"], (images / 255.0 - MEAN) / STD))
+  return f / np.linalg.norm(f, axis=1, keepdims=True), labels, images, vit, params["backbone"]
+
+
+def test_eval_knn_matches_brute_force(workdir):
+  out = cli("eval_knn", "--workdir", workdir, "--nb_knn", "3", "7", "--temperature", "0.1")
+  assert "3-NN top-1" in out
+  with open(os.path.join(workdir, "eval", "knn.json")) as f:
+    res = json.load(f)
+  train_f, train_y, *_ = teacher_features(workdir, "train")
+  test_f, test_y, *_ = teacher_features(workdir, "val")
+  assert set(res) == {"top1", "top5"} and set(res["top1"]) == {"3", "7"}
+  for k in (3, 7):
+    pred = brute_force(train_f, train_y, test_f, k, 0.1, 6)
+    assert res["top1"][str(k)] == pytest.approx(100 * np.mean(pred[:, 0] == test_y))
+    top5 = (pred[:, :min(5, k)] == test_y[:, None]).any(1)  # the release's top-5 for k < 5
+    assert res["top5"][str(k)] == pytest.approx(100 * np.mean(top5))
+
+
+def test_eval_linear_writes_json_and_checkpoints(workdir):
+  out = cli("eval_linear", "--workdir", workdir)
+  with open(os.path.join(workdir, "eval", "linear.json")) as f:
+    res = json.load(f)
+  assert [r["epoch"] for r in res["per_epoch"]] == [0, 1]
+  assert res["per_epoch"][0]["lr"] == pytest.approx(0.01 * 32 / 256)  # lr x batch / 256
+  assert res["top1"] == res["per_epoch"][-1]["top1"] and 0 <= res["top5"] <= 100
+  assert os.path.isdir(os.path.join(workdir, "eval", "linear_checkpoints_teacher", "2"))
+  assert "top-1" in out
+
+
+def test_visualize_attention_from_workdir_and_weights(workdir, tmp_path):
+  *_, images, vit, params = teacher_features(workdir, "val")
+  Image.fromarray(images[0]).save(tmp_path / "img.png")
+  outdir = tmp_path / "out"
+  cli("visualize_attention", "--workdir", workdir, "--image", str(tmp_path / "img.png"),
+      "--output", str(outdir), "--image_size", "32")
+  names = {"img.png", "attention.png", "attn-head0.png", "attn-head1.png",
+           "mask_th0.6_head0.png", "mask_th0.6_head1.png"}
+  assert names <= set(os.listdir(outdir))
+  # The head-0 PNG: 4 x 4 px blocks (nearest upsampling of the 8 x 8 grid) whose viridis colours
+  # read back the independently computed [CLS] attention, min-max scaled (256 colour levels).
+  resized = np.asarray(Image.fromarray(images[0]).resize((32, 32), Image.BILINEAR))
+  attn = jax.jit(lambda p, x: vit.apply({"params": p}, x, method="get_last_selfattention"))(
+      params, (resized[None] / 255.0 - MEAN) / STD)
+  ref = np.asarray(attn)[0, 0, 0, 1:].reshape(8, 8)
+  png = np.asarray(Image.open(outdir / "attn-head0.png"))[..., :3].astype(float)
+  assert png.shape == (32, 32, 3)
+  blocks = png.reshape(8, 4, 8, 4, 3)
+  assert (blocks == blocks[:, :1, :, :1]).all()
+  lut = matplotlib.colormaps["viridis"](np.linspace(0, 1, 256))[:, :3] * 255
+  level = np.abs(blocks[:, 0, :, 0, None] - lut).sum(-1).argmin(-1)  # (8, 8) colour index
+  expected = np.minimum(np.floor((ref - ref.min()) / (ref.max() - ref.min()) * 256), 255)
+  assert np.abs(level - expected).max() <= 1
+
+  # --weights: a backbone file in the release's key names (dino-reference.md), vit_tiny/16 shapes.
+  import torch  # pylint: disable=g-import-not-at-top
+  d, g = 192, torch.Generator().manual_seed(0)
+  shapes = {"cls_token": (1, 1, d), "pos_embed": (1, 197, d), "patch_embed.proj.weight":
+            (d, 3, 16, 16), "patch_embed.proj.bias": (d,), "norm.weight": (d,), "norm.bias": (d,)}
+  for i in range(12):
+    for name, shape in (("norm1", (d,)), ("attn.qkv", (3 * d, d)), ("attn.proj", (d, d)),
+                        ("norm2", (d,)), ("mlp.fc1", (4 * d, d)), ("mlp.fc2", (d, 4 * d))):
+      shapes[f"blocks.{i}.{name}.weight"] = shape
+      shapes[f"blocks.{i}.{name}.bias"] = shape[:1]
+  torch.save({k: 0.1 * torch.randn(v, generator=g) for k, v in shapes.items()}, tmp_path / "w.pth")
+  out = cli("visualize_attention", "--weights", str(tmp_path / "w.pth"), "--arch", "vit_tiny",
+            "--patch_size", "16", "--image", str(tmp_path / "img.png"), "--output",
+            str(tmp_path / "out2"), "--image_size", "48", "--threshold", "0.5")
+  assert "3 heads on a 3x3 patch grid" in out
+  assert Image.open(tmp_path / "out2" / "attn-head2.png").size == (48, 48)
+  assert (tmp_path / "out2" / "mask_th0.5_head2.png").exists()
+
+
+def test_report_trained_equals_random_init_for_a_fresh_checkpoint(workdir):
+  """report.run's files, with exactly the keys the main job promises. The workdir's teacher is the
+  seed's fresh init, so 'trained' and 'random_init' must agree to the last digit: this pins
+  random_init_backbone to the trainer's init."""
+  from dino_jax.evaluate import report  # pylint: disable=g-import-not-at-top
+  report.run(tiny_config(), workdir)
+  with open(os.path.join(workdir, "eval", "knn.json")) as f:
+    knn = json.load(f)
+  with open(os.path.join(workdir, "eval", "attention.json")) as f:
+    att = json.load(f)
+  assert set(knn) == {"top1", "top5", "random_init"} and set(knn["top1"]) == {"5", "20"}
+  assert knn["random_init"] == {"top1": knn["top1"], "top5": knn["top5"]}
+  assert set(att) == {"jaccard", "jaccard_head_mean", "per_head", "mass_on_object",
+                      "object_area", "jaccard_mean_map", "random_init"}
+  assert {"jaccard", "jaccard_head_mean", "mass_on_object"} <= set(att["random_init"])
+  for key, value in att["random_init"].items():
+    assert value == att[key], key
+  assert len(att["per_head"]) == 2 and att["jaccard"] == max(att["per_head"])
+  assert Image.open(os.path.join(workdir, "eval", "attention.png")).size[0] > 200

@@ -1,0 +1,265 @@
+"""The trainer end to end: config checks, exact resume, meshes and processes, NaN stop.
+
+Runs go through `python -m dino_jax.train` in subprocesses (device count and process count are fixed
+when jax starts) on a tiny ViT and the embedded shapes data.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = [
+    "--config.model.arch=vit_custom", "--config.model.embed_dim=32", "--config.model.depth=2",
+    "--config.model.num_heads=2", "--config.model.patch_size=4", "--config.global_crops_size=16",
+    "--config.local_crops_size=8", "--config.local_crops_number=2", "--config.out_dim=64",
+    "--config.model.head_hidden_dim=32", "--config.model.head_bottleneck_dim=16",
+    "--config.batch_size=16", "--config.data.shapes_train_size=256",
+    "--config.data.shapes_eval_size=32", "--config.eval.after_training=False",
+    "--config.log_every_steps=2", "--config.checkpoint_every_steps=4", "--config.total_steps=12",
+    "--config.warmup_epochs=0.25", "--config.freeze_last_layer=0.25",
+]
+
+
+def _env(devices: int) -> dict:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+  return env
+
+
+def _train_cmd(workdir, *extra):
+  return [sys.executable, "-m", "dino_jax.train", "--config", os.path.join(REPO,
+          "configs/default.py"), "--workdir", str(workdir), *TINY, *extra]
+
+
+def _train(workdir, *extra, devices=8, check=True):
+  proc = subprocess.run(_train_cmd(workdir, *extra), env=_env(devices), cwd=REPO,
+                        capture_output=True, text=True, timeout=600)
+  if check and proc.returncode:
+    raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+  return proc
+
+
+def _final_state(workdir):
+  """The latest checkpoint's TrainState as nested dicts of numpy arrays."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from dino_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  mngr = checkpoint.manager(str(workdir), read_only=True)
+  step = mngr.latest_step()
+  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(None)))
+  return step, state["state"]
+
+
+def _metrics(workdir, drop=("images_per_sec",)):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in f]
+
+
+def _flat(tree, prefix=""):
+  if isinstance(tree, dict):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flat(v, f"{prefix}/{k}"))
+    return out
+  if isinstance(tree, (list, tuple)):
+    out = {}
+    for i, v in enumerate(tree):
+      out.update(_flat(v, f"{prefix}/{i}"))
+    return out
+  return {prefix: np.asarray(tree)}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+  """An uninterrupted 12-step run on 8 devices (mesh data 8)."""
+  workdir = tmp_path_factory.mktemp("reference")
+  _train(workdir)
+  return workdir
+
+
+def test_misspelt_config_key_fails_fast_naming_the_closest_key(tmp_path):
+  t = time.time()
+  proc = _train(tmp_path, "--config.batch_sise=3", check=False)
+  assert proc.returncode != 0
+  assert "batch_sise" in proc.stderr and "batch_size" in proc.stderr, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert not os.path.exists(tmp_path / "checkpoints")
+  assert time.time() - t < 60
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("--config.batch_size=12", "batch_size=12"),  # 12 rows over 8 devices
+    ("--config.global_crops_size=18", "global_crops_size=18"),  # patch 4 does not divide 18
+    ("--config.local_crops_number=-1", "local_crops_number=-1"),
+    ("--config.model.arch=vit_smal", "vit_small"),
+    ("--config.data.source=folder", "data.path"),  # no folder given
+])
+def test_bad_values_fail_before_compiling_naming_the_value(tmp_path, override, needle):
+  proc = _train(tmp_path, override, check=False)
+  assert proc.returncode != 0
+  assert needle in proc.stderr, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_missing_data_path_is_named(tmp_path):
+  missing = tmp_path / "no_such_folder"
+  proc = _train(tmp_path / "w", "--config.data.source=folder", f"--config.data.path={missing}",
+                check=False)
+  assert proc.returncode != 0
+  assert str(missing) in proc.stderr, proc.stderr[-2000:]
+
+
+def test_run_writes_the_workdir_outputs(reference_run):
+  rows = _metrics(reference_run, drop=())
+  assert [r["step"] for r in rows] == [2, 4, 6, 8, 10, 12]
+  for key in ("loss", "lr", "wd", "momentum", "teacher_temp", "images_per_sec", "entropy",
+              "batch_entropy", "kl", "grad_norm", "epoch"):
+    assert all(np.isfinite(r[key]) for r in rows), key
+  with open(reference_run / "config.json") as f:
+    assert json.load(f)["total_steps"] == 12
+  assert any(n.startswith("events.out.tfevents") for n in os.listdir(reference_run))
+  step, state = _final_state(reference_run)
+  assert step == 12 and int(state["step"]) == 12
+
+
+def test_kill_after_checkpoint_then_rerun_equals_uninterrupted(tmp_path, reference_run):
+  """SIGKILL once the step-4 checkpoint is on disk; the same command then finishes the run."""
+  proc = subprocess.Popen(_train_cmd(tmp_path, "--config.total_steps=12"), env=_env(8),
+                          cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  ckpt = tmp_path / "checkpoints" / "4"
+  deadline = time.time() + 300
+  while not (ckpt / "_CHECKPOINT_METADATA").exists() and proc.poll() is None:
+    assert time.time() < deadline
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  _train(tmp_path)
+  _, got = _final_state(tmp_path)
+  _, want = _final_state(reference_run)
+  got, want = _flat(got), _flat(want)
+  assert got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  assert _metrics(tmp_path) == _metrics(reference_run)
+
+
+def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, reference_run):
+  proc = subprocess.Popen(_train_cmd(tmp_path), env=_env(8), cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while not (tmp_path / "metrics.jsonl").exists() and proc.poll() is None:
+    assert time.time() < deadline
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  step, _ = _final_state(tmp_path)
+  assert 2 <= step <= 12
+  _train(tmp_path)
+  _, got = _final_state(tmp_path)
+  _, want = _final_state(reference_run)
+  for k, v in _flat(want).items():
+    np.testing.assert_array_equal(_flat(got)[k], v, err_msg=k)
+
+
+@pytest.mark.parametrize("devices, mesh", [(1, []), (8, ["--config.mesh.fsdp=2"])])
+def test_other_meshes_equal_8_way_data_parallel(tmp_path, reference_run, devices, mesh):
+  _train(tmp_path, *mesh, devices=devices)
+  _, got = _final_state(tmp_path)
+  _, want = _final_state(reference_run)
+  got, want = _flat(got["params"]), _flat(want["params"])
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  losses = [r["loss"] for r in _metrics(tmp_path)]
+  np.testing.assert_allclose(losses, [r["loss"] for r in _metrics(reference_run)], rtol=1e-5)
+
+
+def test_resume_on_another_mesh(tmp_path, reference_run):
+  """Checkpoint written by 8-way data parallelism, resumed as data 4 x fsdp 2, then 4 devices."""
+  _train(tmp_path, "--config.total_steps=4")
+  _train(tmp_path, "--config.total_steps=8", "--config.mesh.fsdp=2")
+  _train(tmp_path, devices=4)
+  _, got = _final_state(tmp_path)
+  _, want = _final_state(reference_run)
+  got, want = _flat(got["params"]), _flat(want["params"])
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_two_processes_equal_one(tmp_path, reference_run):
+  """jax.distributed on localhost, 2 processes x 4 devices, against 1 process x 8 devices."""
+  import portpicker  # pylint: disable=g-import-not-at-top
+  port = portpicker.pick_unused_port()
+  procs = [
+      subprocess.Popen(_train_cmd(tmp_path, f"--coordinator_address=localhost:{port}",
+                                  "--num_processes=2", f"--process_id={i}"),
+                       env=_env(4), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       text=True) for i in range(2)
+  ]
+  for p in procs:
+    _, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+  _, got = _final_state(tmp_path)
+  _, want = _final_state(reference_run)
+  got, want = _flat(got), _flat(want)
+  for k in want:
+    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  assert len(_metrics(tmp_path)) == len(_metrics(reference_run))  # only process 0 logs
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+  """A NaN injected into the loss from step 7 on: the run stops with a clear error, writes no
+  checkpoint after it, and the step-4 checkpoint restores with finite params."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from absl.testing import flagsaver  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from dino_jax import train  # pylint: disable=g-import-not-at-top
+
+  config = _load_config(TINY)
+  original = train.train_step
+
+  def poisoned(state, batch, rng, **kw):
+    new_state, metrics = original(state, batch, rng, **kw)
+    bad = state.step >= 6
+    metrics["loss"] = jnp.where(bad, jnp.nan, metrics["loss"])
+    return new_state, metrics
+
+  monkeypatch.setattr(train, "train_step", poisoned)
+  with pytest.raises(FloatingPointError, match="step 7"):
+    train.train_and_evaluate(config, str(tmp_path))
+  step, state = _final_state(tmp_path)
+  assert step == 4
+  assert all(np.isfinite(v).all() for v in _flat(state["params"]).values())
+  del config_flags, jax
+
+
+def _load_config(overrides):
+  """configs/default.py with --config.KEY=VALUE overrides applied, as the CLI does."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import ast  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("default", os.path.join(REPO, "configs/default.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for item in overrides:
+    key, value = item[len("--config."):].split("=", 1)
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass
+    node[leaf] = value
+  return config

@@ -52,4 +52,5 @@ def get_config(arg: str | None = None):
   c.eval.after_training = True
   c.eval.compare_random_init = True
   c.eval.batch_size = 200
+  c.eval.linear_epochs = 10  # eval_linear on this data (release: 100 epochs of ImageNet)
   return c

@@ -6,6 +6,7 @@ Shapes: B batch, h heads, gh x gw patch grid (N = gh * gw patches), p patch size
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Sequence
 
@@ -132,6 +133,17 @@ def overlay(image: np.ndarray, mask: np.ndarray, color=(1.0, 0.2, 0.2), alpha: f
   return np.where(mask[..., None], (1 - alpha) * img + alpha * np.asarray(color), img)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _upsampled_jit(maps, patch_size, threshold):
+  return upsample(maps, patch_size), upsample(mass_masks(maps, threshold), patch_size)
+
+
+def _upsampled(maps: np.ndarray, patch_size: int, threshold: float
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """Host maps (..., gh, gw) -> host upsampled maps and masks (explicit transfers only)."""
+  return jax.device_get(_upsampled_jit(jax.device_put(np.asarray(maps)), patch_size, threshold))
+
+
 def colorize(m: np.ndarray, cmap: str = "viridis") -> np.ndarray:
   """(H, W) values -> float RGB (H, W, 3), min to max over the colormap (as imshow scales)."""
   lo, hi = float(m.min()), float(m.max())
@@ -147,8 +159,7 @@ def plot_grid(path: str, images: np.ndarray, maps: np.ndarray, patch_size: int,
   are laid out in one array and drawn once (a grid of axes takes seconds to lay out).
   """
   b, h = maps.shape[:2]
-  up_maps = np.asarray(upsample(maps, patch_size))
-  up_masks = np.asarray(upsample(mass_masks(maps, threshold), patch_size))
+  up_maps, up_masks = _upsampled(maps, patch_size, threshold)
   ih, iw = up_maps.shape[-2:]
   names = ["image"] + ["object"] * (object_masks is not None) + [f"head {j}" for j in range(h)] + [
       f"{threshold:.0%} mask {j}" for j in range(h)]
@@ -186,8 +197,7 @@ def save_heads(outdir: str, image: np.ndarray, maps: np.ndarray, patch_size: int
   """The release's files for one image (H, W, 3), maps (h, gh, gw): img.png, attn-head{j}.png
   (upsampled map, viridis) and mask_th{threshold}_head{j}.png (mask overlaid). Returns the paths."""
   os.makedirs(outdir, exist_ok=True)
-  up_maps = np.asarray(upsample(maps, patch_size))
-  up_masks = np.asarray(upsample(mass_masks(maps, threshold), patch_size))
+  up_maps, up_masks = _upsampled(maps, patch_size, threshold)
   paths = [os.path.join(outdir, "img.png")]
   Image.fromarray(image).save(paths[0])
   for j in range(maps.shape[0]):

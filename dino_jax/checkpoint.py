@@ -75,20 +75,31 @@ def load_config(workdir: str) -> mlc.ConfigDict:
   return config_lib.from_json(path.read_text())
 
 
+def restore_host(workdir: str, step: int | None = None) -> tuple[int, dict[str, Any]]:
+  """(step, state) of a workdir's latest (or given) checkpoint as nested dicts of arrays on this
+  process's first device, whatever mesh and device count wrote it (no model or config needed)."""
+  mngr = ocp.CheckpointManager(
+      epath.Path(workdir) / "checkpoints", options=ocp.CheckpointManagerOptions(read_only=True),
+      item_names=("state",), item_handlers={"state": ocp.StandardCheckpointHandler()})
+  try:
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+    tree = mngr.item_metadata(step)["state"]
+    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), tree)
+    return step, mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))["state"]
+  finally:
+    mngr.close()
+
+
 def restore_params(workdir: str, which: str = "teacher", step: int | None = None
                    ) -> tuple[mlc.ConfigDict, dict[str, Any], int]:
   """(config, params {'backbone', 'head'}, step) of the teacher or student of a workdir's latest
-  (or given) checkpoint, as host arrays: what evaluation and export need.
-  """
+  (or given) checkpoint: what evaluation and export need."""
   if which not in ("teacher", "student"):
     raise ValueError(f"which={which!r}: expected 'teacher' or 'student'")
   config = load_config(workdir)
-  mngr = manager(workdir, read_only=True)
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
-  # Without a target, orbax restores the saved tree as nested dicts of numpy arrays.
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(None)))["state"]
-  key = "teacher_params" if which == "teacher" else "params"
-  return config, jax.tree.map(lambda x: x, restored[key]), step
+  step, state = restore_host(workdir, step)
+  return config, state["teacher_params" if which == "teacher" else "params"], step

@@ -79,13 +79,17 @@ def base_config() -> mlc.ConfigDict:
   c.data.eval_split = "val"
   c.data.image_key = "image"
   c.data.label_key = "label"
-  c.data.workers = 8
+  c.data.workers = 8  # grain worker processes; 0 = in this process
+  c.data.threads = 1  # prefetch threads per process (per worker with workers > 0)
   c.data.prefetch = 2
   c.data.eval_resize = 256
   c.data.cache_dir = ""
   c.data.shapes_train_size = 8000
   c.data.shapes_eval_size = 600
   c.data.shapes_image_size = 32
+  c.data.shapes_seed = 0  # the embedded data stay the same across training seeds
+  c.data.shapes_classes = ("disc", "square", "triangle", "ring", "cross", "star")
+  c.data.shapes_area = (0.12, 0.35)  # object area, fraction of the image
 
   c.aug = mlc.ConfigDict()
   c.aug.flip_prob = 0.5
@@ -107,6 +111,14 @@ def base_config() -> mlc.ConfigDict:
   c.eval.attention_threshold = 0.6
   c.eval.attention_images = 8
   c.eval.compare_random_init = False  # also evaluate the same network at random init
+  # Linear probe (eval_linear), the release's eval_linear.py defaults.
+  c.eval.linear_epochs = 100
+  c.eval.linear_lr = 0.001  # for a batch of 256, scaled linearly
+  c.eval.linear_batch_size = 1024
+  c.eval.linear_n_last_blocks = 4  # ViT-S; ViT-B: 1 with linear_avgpool_patchtokens
+  c.eval.linear_avgpool_patchtokens = False
+  c.eval.linear_val_freq = 1
+  c.eval.linear_crop_scale = (0.08, 1.0)
   return c
 
 

@@ -19,7 +19,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-import tensorboardX
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -29,6 +28,8 @@ from dino_jax import losses
 from dino_jax import optim
 from dino_jax import sharding as sharding_lib
 from dino_jax import state as state_lib
+from dino_jax.data import augment as augment_lib
+from dino_jax.data import pipeline
 from dino_jax.models import DINOHead, MultiCropWrapper, build_vit
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -254,8 +255,6 @@ def _format_duration(seconds: float) -> str:
 
 def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
   """Trains DINO as configured, checkpointing into workdir; resumes from workdir's checkpoints."""
-  from dino_jax.data import augment as augment_lib  # TODO(lead): top-level once data/ lands
-  from dino_jax.data import pipeline
   # -- Checks, before anything compiles. -------------------------------------------------------
   config_lib.validate(config, jax.device_count())
   pipeline.validate(config)
@@ -281,6 +280,7 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
   # -- Model, optimizer, state shapes and shardings. -------------------------------------------
   student, teacher, tx, schedules, init = make_training(config, steps_per_epoch, total_steps)
   init_rng, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  step_rng = jax.device_put(step_rng, repl)
   abstract = jax.eval_shape(init, init_rng)
   state_sh = sharding_lib.state_shardings(mesh, abstract)
   n_params = sum(x.size for x in jax.tree.leaves(abstract.params["backbone"]))
@@ -293,12 +293,15 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, state_sh)
   restored = checkpoint.restore(mngr, target, data_iter)
+  random_init = None  # the backbone at init, for the closing report's comparison
   if restored is not None:
     start_step, state = restored
     logging.info("resumed from %s/checkpoints/%d", workdir, start_step)
   else:
     start_step = 0
     state = jax.jit(init, out_shardings=state_sh)(init_rng)
+    if config.eval.after_training and config.eval.compare_random_init:
+      random_init = jax.device_get(state.params["backbone"])
     if config.init_from:
       state = _init_from(state, config.init_from, state_sh)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -314,66 +317,71 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
       donate_argnums=0)
 
   # -- Loop. -------------------------------------------------------------------------------------
+  import tensorboardX  # pylint: disable=g-import-not-at-top  (it imports torch: seconds)
   writer = tensorboardX.SummaryWriter(workdir) if is_main else None
   preempted = _Preemption()
   pending = []  # per-step losses since the last check: no NaN may reach a checkpoint
   collapse_streak = 0
   t0, t0_step, t_start = None, start_step, time.time()
   step = start_step
-  with jax.transfer_guard("disallow"):
-    while step < total_steps:
-      batch = pipeline.global_batch(next(data_iter), batch_sh)
-      state, metrics = step_fn(state, batch, step_rng)
-      step += 1
-      pending.append(metrics["loss"])
-      if t0 is None:  # the first step compiles: throughput is timed from its end
-        jax.block_until_ready(metrics)
-        t0, t0_step = time.time(), step
-        logging.info("first step (compilation included) took %.1f s", t0 - t_start)
-      log_now = step % config.log_every_steps == 0 or step == total_steps
-      save_now = step % config.checkpoint_every_steps == 0 or step == total_steps
-      stop = preempted(mngr, step)
-      if log_now or save_now or stop:
-        losses_seen = jax.device_get(pending)
-        pending = []
-        bad = [i for i, v in enumerate(losses_seen) if not math.isfinite(float(v))]
-        if bad:
-          first = step - len(losses_seen) + bad[0] + 1
-          mngr.wait_until_finished()
-          raise FloatingPointError(
-              f"non-finite loss at step {first}; training stopped, nothing saved after it. The "
-              f"last good checkpoint is {workdir}/checkpoints/{mngr.latest_step()}.")
-      if log_now and is_main:
-        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        elapsed = time.time() - t0
-        ips = (step - t0_step) * config.batch_size / elapsed if elapsed > 0 else float("nan")
-        eta = (total_steps - step) * elapsed / max(step - t0_step, 1)
-        row = {"step": step, "epoch": step / steps_per_epoch, **m, "images_per_sec": ips}
-        with open(metrics_path, "a") as f:
-          f.write(json.dumps(row) + "\n")
-        for k, v in row.items():
-          if k != "step":
-            writer.add_scalar(f"train/{k}", v, step)
-        logging.info(
-            "step %d/%d (epoch %.1f) loss %.4f | teacher entropy %.3f, batch-mean %.3f, kl %.3f "
-            "| lr %.2e wd %.3f m %.4f tt %.3f | %.0f img/s ETA %s", step, total_steps,
-            row["epoch"], m["loss"], m["entropy"], m["batch_entropy"], m["kl"], m["lr"], m["wd"],
-            m["momentum"], m["teacher_temp"], ips, _format_duration(eta))
-        warning = _collapse_warning(m, config.out_dim) if step >= steps_per_epoch else None
-        collapse_streak = collapse_streak + 1 if warning else 0
-        if collapse_streak >= 3:
-          logging.warning("COLLAPSE: %s", warning)
-      if save_now or stop:
-        checkpoint.save(mngr, step, state, data_iter)
-      if stop:
-        logging.warning("preempted at step %d: checkpoint saved, exiting", step)
-        break
-  mngr.wait_until_finished()
-  mngr.close()
-  if writer is not None:
-    writer.close()
+  try:
+    with jax.transfer_guard("disallow"):
+      while step < total_steps:
+        with jax.transfer_guard_host_to_device("allow"):  # the one intended transfer
+          batch = pipeline.global_batch(next(data_iter), batch_sh)
+        state, metrics = step_fn(state, batch, step_rng)
+        step += 1
+        pending.append(metrics["loss"])
+        if t0 is None:  # the first step compiles: throughput is timed from its end
+          jax.block_until_ready(metrics)
+          t0, t0_step = time.time(), step
+          logging.info("first step (compilation included) took %.1f s", t0 - t_start)
+        log_now = step % config.log_every_steps == 0 or step == total_steps
+        save_now = step % config.checkpoint_every_steps == 0 or step == total_steps
+        stop = preempted(mngr, step)
+        if log_now or save_now or stop:
+          losses_seen = jax.device_get(pending)
+          pending = []
+          bad = [i for i, v in enumerate(losses_seen) if not math.isfinite(float(v))]
+          if bad:
+            first = step - len(losses_seen) + bad[0] + 1
+            raise FloatingPointError(
+                f"non-finite loss at step {first}; training stopped, nothing saved after it. The "
+                f"last good checkpoint is {workdir}/checkpoints/{mngr.latest_step()}.")
+        if log_now and is_main:
+          m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          elapsed = time.time() - t0
+          ips = (step - t0_step) * config.batch_size / elapsed if elapsed > 0 else float("nan")
+          eta = (total_steps - step) * elapsed / max(step - t0_step, 1)
+          row = {"step": step, "epoch": step / steps_per_epoch, **m, "images_per_sec": ips}
+          with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+          for k, v in row.items():
+            if k != "step":
+              writer.add_scalar(f"train/{k}", v, step)
+          logging.info(
+              "step %d/%d (epoch %.1f) loss %.4f | teacher entropy %.3f, batch-mean %.3f, kl %.3f "
+              "| lr %.2e wd %.3f m %.4f tt %.3f | %.0f img/s ETA %s", step, total_steps,
+              row["epoch"], m["loss"], m["entropy"], m["batch_entropy"], m["kl"], m["lr"], m["wd"],
+              m["momentum"], m["teacher_temp"], ips, _format_duration(eta))
+          warning = _collapse_warning(m, config.out_dim) if step >= steps_per_epoch else None
+          collapse_streak = collapse_streak + 1 if warning else 0
+          if collapse_streak >= 3:
+            logging.warning("COLLAPSE: %s", warning)
+        if save_now or stop:
+          checkpoint.save(mngr, step, state, data_iter)
+        if stop:
+          logging.warning("preempted at step %d: checkpoint saved, exiting", step)
+          break
+  finally:
+    mngr.wait_until_finished()
+    mngr.close()
+    data_iter.close()  # stops grain's worker processes and frees their shared memory
+    if writer is not None:
+      writer.close()
   if step == total_steps and config.eval.after_training:
-    evaluate_after_training(config, workdir)
+    from dino_jax.evaluate import report  # pylint: disable=g-import-not-at-top  (imports train)
+    report.run(config, workdir, random_init=random_init)
   return state
 
 
@@ -406,12 +414,6 @@ def _init_from(state: state_lib.TrainState, workdir: str, state_sh) -> state_lib
   return state
 
 
-def evaluate_after_training(config, workdir: str) -> None:
-  """The main job's closing evaluations: k-NN and attention, trained teacher vs random init."""
-  from dino_jax.evaluate import report  # pylint: disable=g-import-not-at-top
-  report.run(config, workdir)
-
-
 # ----------------------------------------------------------------------------------------------
 # Command line.
 # ----------------------------------------------------------------------------------------------
@@ -431,7 +433,6 @@ def _define_flags():
 
 def main(argv) -> None:
   del argv
-  from dino_jax.data import pipeline
   f = flags.FLAGS
   if f.coordinator_address or f.distributed:
     jax.distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)

@@ -4,6 +4,7 @@
       --image IMG --output OUTDIR [--threshold 0.6] [--image_size 480]
   python -m dino_jax.visualize_attention --weights FILE.pth --arch vit_small --patch_size 8 \
       --image IMG --output OUTDIR
+  python -m dino_jax.visualize_attention --workdir DIR --output OUTDIR [--threshold 0.6]
 
 --weights: a backbone state_dict (the release's published files), a MultiCropWrapper state_dict or
 the release's full checkpoint (its --which network), read by import_torch.load_file and
@@ -11,6 +12,11 @@ convert.torch_to_flax, in memory (no workdir is written). As the release: --imag
 (one value) resizes the shorter side, two values give height and width (default 480 480); the
 image is then cut to a multiple of the patch size. OUTDIR gets img.png, attn-head{j}.png,
 mask_th{threshold}_head{j}.png and attention.png (the grid: image, each head's map, each mask).
+
+Without --image (a workdir whose data has object masks, as the embedded `shapes`): the eval split's
+Jaccard of each head's mask, the best head's and the head-mean map's with the object masks, and the
+attention on the object, as the main job reports them -> DIR/eval/attention.json (or
+attention_student.json) and OUTDIR/attention.png (the first eval.attention_images images).
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ from absl import app, flags
 from flax import traverse_util
 
 from dino_jax import attention, convert
-from dino_jax.evaluate import features
+from dino_jax.evaluate import features, report
 from dino_jax.models import VisionTransformer, build_vit
 
 
@@ -40,14 +46,14 @@ def _define_flags() -> None:
                       "vit_large (checked against the weights).")
   flags.DEFINE_integer("patch_size", None, "With --weights: checked against the weights (read "
                        "from them when left out).")
-  flags.DEFINE_string("image", None, "Image file.")
+  flags.DEFINE_string("image", None, "Image file (without it: the eval split's object masks).")
   flags.DEFINE_string("output", None, "Directory for the PNG files.")
   flags.DEFINE_float("threshold", 0.6, "Share of each head's attention mass its mask keeps.")
   flags.DEFINE_list("image_size", ["480", "480"], "One value: the shorter side; two: height,width.")
-  flags.mark_flags_as_required(["image", "output"])
+  flags.mark_flags_as_required(["output"])
 
 
-def maps_for_image(backbone, params, image: np.ndarray) -> np.ndarray:
+def maps_for_image(backbone: VisionTransformer, params: Any, image: np.ndarray) -> np.ndarray:
   """uint8 (H, W, 3) -> the [CLS] attention maps (heads, H / p, W / p)."""
   fn = jax.jit(attention.cls_attention, static_argnums=0)
   return np.asarray(fn(backbone, params, image[None]))[0]
@@ -80,11 +86,34 @@ def load_weights(path: str, arch: str, patch_size: int | None, which: str = "tea
   return backbone, params
 
 
+def split_scores(workdir: str, which: str, output: str, threshold: float) -> None:
+  """The eval split's attention figures -> workdir/eval/attention[_student].json, a grid PNG."""
+  try:
+    config, backbone, params, step = features.load_backbone(workdir, which)
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"visualize_attention: {e}")
+  config.eval.attention_threshold = threshold
+  results, _ = report.evaluate(config, backbone, {which: params}, ks=None)
+  if "attention" not in results[which]:
+    sys.exit(f"visualize_attention: the eval split of {workdir} has no object masks; give --image")
+  name = "attention.json" if which == "teacher" else "attention_student.json"
+  report.write_json(os.path.join(workdir, "eval", name), results[which]["attention"])
+  report.plot_examples(config, results[which]["maps"], backbone.patch_size,
+                       os.path.join(output, "attention.png"))
+  print(f"attention of the {which} at step {step} on the eval split (threshold {threshold})")
+  print(report.format_table(results))
+
+
 def main(argv) -> None:
   del argv
   f = flags.FLAGS
   if (f.workdir is None) == (f.weights is None):
     sys.exit("visualize_attention: give exactly one of --workdir and --weights")
+  if f.image is None:
+    if f.workdir is None:
+      sys.exit("visualize_attention: --weights needs --image")
+    split_scores(f.workdir, f.which, f.output, f.threshold)
+    return
   try:
     size = [int(s) for s in f.image_size]
     if len(size) not in (1, 2):

@@ -32,7 +32,8 @@ def test_random_resized_crop_box_distribution_matches_torchvision(scale):
                      for _ in range(n)])
   for boxes in (ours, theirs):
     top, left, bh, bw = boxes.T
-    assert (top >= 0).all() and (left >= 0).all() and (top + bh <= h).all() and (left + bw <= w).all()
+    assert (top >= 0).all() and (left >= 0).all()
+    assert (top + bh <= h).all() and (left + bw <= w).all()
   top, left, bh, bw = ours.T
   area, ratio = bh * bw / (h * w), bw / bh
   slack = 2 * (bh + bw) / (h * w)  # integer rounding of the sides
@@ -182,7 +183,8 @@ def test_param_rates_and_ranges():
   for key, (lo, hi) in (("brightness", (0.6, 1.4)), ("contrast", (0.6, 1.4)),
                         ("saturation", (0.8, 1.2)), ("hue", (-0.1, 0.1)), ("sigma", (0.1, 2.0))):
     v = p[key].ravel()
-    assert lo <= v.min() and v.max() <= hi and stats.kstest(v, "uniform", (lo, hi - lo)).pvalue > 1e-3
+    assert lo <= v.min() and v.max() <= hi
+    assert stats.kstest(v, "uniform", (lo, hi - lo)).pvalue > 1e-3, key
   np.testing.assert_array_equal(np.sort(p["order"], -1), np.broadcast_to(np.arange(4), (n, 3, 4)))
   first = np.bincount(p["order"][..., 0].ravel(), minlength=4) / (3 * n)
   assert np.abs(first - 0.25).max() < 0.01  # each op equally likely first

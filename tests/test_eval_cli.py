@@ -149,6 +149,43 @@ def test_visualize_attention_from_workdir_and_weights(workdir, tmp_path):
   assert (tmp_path / "out2" / "mask_th0.5_head2.png").exists()
 
 
+def test_visualize_attention_eval_split_matches_numpy(workdir, tmp_path):
+  """Without --image: the eval split's attention.json, against NumPy from the raw source: masks by
+  the descending form of the rule (a patch is kept while the mass above it is < 60%)."""
+  cli("visualize_attention", "--workdir", workdir, "--output", str(tmp_path))
+  with open(os.path.join(workdir, "eval", "attention.json")) as f:
+    att = json.load(f)
+  assert (tmp_path / "attention.png").exists()
+  *_, images, vit, params = teacher_features(workdir, "val")
+  config = checkpoint.load_config(workdir)
+  source = make_source(config, "val")
+  obj = np.stack([source[i]["object_mask"] for i in range(len(source))])  # (B, 16, 16)
+  attn = jax.jit(lambda p, x: vit.apply({"params": p}, x, method="get_last_selfattention"))(
+      params, (images / 255.0 - MEAN) / STD)
+  maps = np.asarray(attn)[:, :, 0, 1:].reshape(len(images), 2, 4, 4)
+
+  def jaccard(m):  # m (B, 4, 4) -> per-image Jaccard of its 60% mask
+    flat = m.reshape(len(m), -1)
+    order = np.argsort(-flat, axis=1)
+    shares = np.take_along_axis(flat, order, 1) / flat.sum(1, keepdims=True)
+    above = np.cumsum(shares, 1) - shares
+    keep = np.zeros_like(flat, bool)
+    np.put_along_axis(keep, order, above < 0.6, 1)
+    up = np.kron(keep.reshape(m.shape), np.ones((4, 4))).astype(bool)
+    return (up & obj).sum((1, 2)) / (up | obj).sum((1, 2))
+
+  per_head = [jaccard(maps[:, h]).mean() for h in range(2)]
+  best = int(np.argmax(per_head))
+  up_best = np.kron(maps[:, best], np.ones((4, 4)))
+  assert att["per_head"] == pytest.approx(per_head, rel=1e-5)
+  assert att["jaccard"] == pytest.approx(max(per_head), rel=1e-5)
+  assert att["jaccard_head_mean"] == pytest.approx(np.mean(per_head), rel=1e-5)
+  assert att["jaccard_mean_map"] == pytest.approx(jaccard(maps.mean(1)).mean(), rel=1e-5)
+  assert att["mass_on_object"] == pytest.approx(
+      ((up_best * obj).sum((1, 2)) / up_best.sum((1, 2))).mean(), rel=1e-5)
+  assert att["object_area"] == pytest.approx(obj.mean(), rel=1e-6)
+
+
 def test_report_trained_equals_random_init_for_a_fresh_checkpoint(workdir):
   """report.run's files, with exactly the keys the main job promises. The workdir's teacher is the
   seed's fresh init, so 'trained' and 'random_init' must agree to the last digit: this pins

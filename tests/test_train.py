@@ -5,6 +5,7 @@ when jax starts) on a tiny ViT and the embedded shapes data.
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+from helpers import assert_params_close
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,6 +26,10 @@ TINY = [
     "--config.data.shapes_eval_size=32", "--config.eval.after_training=False",
     "--config.log_every_steps=2", "--config.checkpoint_every_steps=4", "--config.total_steps=12",
     "--config.warmup_epochs=0.25", "--config.freeze_last_layer=0.25",
+    # No BN in the head here: it makes the gradients of the biases before it (and of the final
+    # LayerNorm's) exactly zero, and Adam turns their rounding noise into O(lr) steps that differ
+    # between summation orders, so meshes could not be compared. BN is covered in test_step.
+    "--config.model.use_bn_in_head=False",
 ]
 
 
@@ -49,13 +55,9 @@ def _train(workdir, *extra, devices=8, check=True):
 
 
 def _final_state(workdir):
-  """The latest checkpoint's TrainState as nested dicts of numpy arrays."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  """The latest checkpoint's TrainState as nested dicts of arrays."""
   from dino_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  mngr = checkpoint.manager(str(workdir), read_only=True)
-  step = mngr.latest_step()
-  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(None)))
-  return step, state["state"]
+  return checkpoint.restore_host(str(workdir))
 
 
 def _metrics(workdir, drop=("images_per_sec",)):
@@ -75,6 +77,14 @@ def _flat(tree, prefix=""):
       out.update(_flat(v, f"{prefix}/{i}"))
     return out
   return {prefix: np.asarray(tree)}
+
+
+def _assert_close_states(workdir, reference):
+  """Student, teacher and centre within 1e-5 (relative, per tensor) of the reference run's."""
+  _, got = _final_state(workdir)
+  _, want = _final_state(reference)
+  for key in ("params", "teacher_params", "center"):
+    assert_params_close(got[key], want[key], 1e-5, what=key)
 
 
 @pytest.fixture(scope="module")
@@ -174,25 +184,22 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, reference_run):
 @pytest.mark.parametrize("devices, mesh", [(1, []), (8, ["--config.mesh.fsdp=2"])])
 def test_other_meshes_equal_8_way_data_parallel(tmp_path, reference_run, devices, mesh):
   _train(tmp_path, *mesh, devices=devices)
-  _, got = _final_state(tmp_path)
-  _, want = _final_state(reference_run)
-  got, want = _flat(got["params"]), _flat(want["params"])
-  for k in want:
-    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  _assert_close_states(tmp_path, reference_run)
   losses = [r["loss"] for r in _metrics(tmp_path)]
   np.testing.assert_allclose(losses, [r["loss"] for r in _metrics(reference_run)], rtol=1e-5)
 
 
-def test_resume_on_another_mesh(tmp_path, reference_run):
-  """Checkpoint written by 8-way data parallelism, resumed as data 4 x fsdp 2, then 4 devices."""
-  _train(tmp_path, "--config.total_steps=4")
-  _train(tmp_path, "--config.total_steps=8", "--config.mesh.fsdp=2")
-  _train(tmp_path, devices=4)
-  _, got = _final_state(tmp_path)
-  _, want = _final_state(reference_run)
-  got, want = _flat(got["params"]), _flat(want["params"])
-  for k in want:
-    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+@pytest.mark.parametrize("devices, mesh", [(8, ["--config.mesh.fsdp=2"]), (4, [])])
+def test_resume_on_another_mesh(tmp_path, reference_run, devices, mesh):
+  """The reference's step-4 checkpoint (8-way data parallel) resumed as data 4 x fsdp 2, or on 4
+  devices, finishes where the reference did."""
+  shutil.copytree(reference_run, tmp_path, dirs_exist_ok=True)
+  for step in ("8", "12"):
+    shutil.rmtree(tmp_path / "checkpoints" / step)
+  _train(tmp_path, *mesh, devices=devices)
+  _assert_close_states(tmp_path, reference_run)
+  np.testing.assert_allclose([r["loss"] for r in _metrics(tmp_path)],
+                             [r["loss"] for r in _metrics(reference_run)], rtol=1e-5)
 
 
 def test_two_processes_equal_one(tmp_path, reference_run):
@@ -208,11 +215,7 @@ def test_two_processes_equal_one(tmp_path, reference_run):
   for p in procs:
     _, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-3000:]
-  _, got = _final_state(tmp_path)
-  _, want = _final_state(reference_run)
-  got, want = _flat(got), _flat(want)
-  for k in want:
-    np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  _assert_close_states(tmp_path, reference_run)
   assert len(_metrics(tmp_path)) == len(_metrics(reference_run))  # only process 0 logs
 
 

@@ -1,10 +1,12 @@
 """grain input pipelines: multi-crop training batches, padded evaluation batches, sharded arrays.
 
 Training: source -> shuffle (seed, reshuffled each epoch) -> repeat -> MultiCrop (host crops and
-flips, deterministic from (seed, epoch, index)) -> this process's slice -> batch -> threads or
-`config.data.workers` processes. The slice is taken from the one global stream (process p reads
-positions p, p + P, ...), so the images of global step s are the same whatever the number of
-processes, and the batches the same whatever the number of workers. Batches run across epoch
+flips, deterministic from (seed, epoch, index)) -> batch -> this process's batches -> threads or
+`config.data.workers` processes. The one global stream is cut into per-process batches and process
+p takes every P-th (p, p + P, ...): global step s is positions s*B .. s*B + B - 1, process p holding
+rows p*B/P .. (p+1)*B/P - 1 of it, so the global batch is the same array, rows in the same order,
+whatever the number of processes (and so are the per-row augmentations drawn on device), and the
+batches the same whatever the number of workers. Batches run across epoch
 boundaries (no image is dropped; an epoch is len(source) // batch_size steps, as the release's
 drop_last). The iterator is checkpointed with grain's own state (get_state / set_state; through
 orbax with grain.checkpoint.CheckpointSave / CheckpointRestore).
@@ -43,8 +45,8 @@ def train_dataset(config: mlc.ConfigDict, *, process_index: int, process_count: 
     source = make_source(config, d.train_split, min_side=_train_min_side(config))
   ds = (grain.MapDataset.source(source).seed(config.seed).shuffle().repeat()
         .random_map(augment.MultiCrop.from_config(config)))
-  ds = ds[process_index::process_count].batch(config.batch_size // process_count,
-                                              drop_remainder=True)
+  ds = ds.batch(config.batch_size // process_count,
+                drop_remainder=True)[process_index::process_count]
   return _prefetch(ds, d)
 
 
@@ -98,7 +100,7 @@ def validate(config: mlc.ConfigDict) -> None:
   if len(source) < config.batch_size:
     raise ValueError(f"{source!r}: {len(source)} training images, fewer than one global batch "
                      f"(config.batch_size={config.batch_size})")
-  if config.get("eval") and config.eval.get("after_training"):
+  if config.eval.after_training:
     make_source(config, config.data.eval_split)
 
 
@@ -120,8 +122,9 @@ def _eval_record(record: dict, resize: int | None, crop: int) -> dict[str, np.nd
 
 
 def _prefetch(ds: grain.MapDataset, d: mlc.ConfigDict) -> grain.IterDataset:
-  """Batches computed ahead by data.threads threads, in data.workers processes if > 0."""
-  threads = d.get("threads", 1)
+  """Batches computed ahead: data.prefetch of them by data.threads threads (default 1), in each
+  of data.workers processes if > 0, else in this one."""
+  threads = d.threads
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                             prefetch_buffer_size=max(d.prefetch, threads)))
   if d.workers > 0:

@@ -39,9 +39,9 @@ def make_source(config: mlc.ConfigDict, split: str, *, min_side: int = 0
   d = config.data
   if d.source == "shapes":
     size = d.shapes_train_size if split == d.train_split else d.shapes_eval_size
-    return ShapesSource(size, split, seed=d.get("shapes_seed", 0), image_size=d.shapes_image_size,
-                        classes=tuple(d.get("shapes_classes", SHAPE_CLASSES)),
-                        area=tuple(d.get("shapes_area", (0.12, 0.35))))
+    return ShapesSource(size, split, seed=d.shapes_seed, image_size=d.shapes_image_size,
+                        classes=tuple(d.shapes_classes),
+                        area=tuple(d.shapes_area))
   if d.source == "folder":
     return FolderSource(_split_dir(d.path, split, d.train_split), min_side=min_side,
                         cache_dir=d.cache_dir)
@@ -89,6 +89,9 @@ def _shape_templates() -> dict[str, tuple[Any, np.ndarray]]:
   }
 
 
+_RENDERED: dict[tuple, dict[int, dict[str, np.ndarray]]] = {}
+
+
 class ShapesSource:
   """The embedded dataset: one shape per image, with its class and its object mask.
 
@@ -114,7 +117,11 @@ class ShapesSource:
     self.min_contrast, self.noise, self.supersample = min_contrast, noise, supersample
     self.num_classes = len(self.classes)
     self._split_id = zlib.crc32(split.encode())
-    self._cache = {}
+    # Shared by every source of the same parameters in this process (training, then its
+    # evaluation, render each image once).
+    self._cache = _RENDERED.setdefault(
+        (size, split, seed, image_size, self.classes, tuple(area), min_contrast, noise,
+         supersample), {})
 
   def __len__(self) -> int:
     return self.size

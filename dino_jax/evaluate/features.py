@@ -133,5 +133,9 @@ def random_init_backbone(config: mlc.ConfigDict) -> Any:
   """The backbone params a run of this config starts from (the student's init from config.seed,
   which the teacher copies): the baseline that shows what training added."""
   *_, init = train_lib.make_training(config, 1, 1)
-  init_rng, _ = jax.random.split(jax.random.PRNGKey(config.seed))  # as train_and_evaluate
-  return jax.jit(lambda rng: init(rng).params["backbone"])(init_rng)
+
+  def backbone_init():
+    init_rng, _ = jax.random.split(jax.random.PRNGKey(config.seed))  # as train_and_evaluate
+    return init(init_rng).params["backbone"]
+
+  return jax.jit(backbone_init)()

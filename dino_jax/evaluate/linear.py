@@ -77,8 +77,9 @@ class LinearState:
 
 
 def _train_step(state: LinearState, backbone_params: Any, batch: dict[str, jax.Array], *,
-                featurize, classifier: nn.Module, tx: optax.GradientTransformation):
-  """One SGD step on the valid rows of a batch; returns (state, loss)."""
+                featurize, classifier: nn.Module, tx: optax.GradientTransformation,
+                schedule: optax.Schedule):
+  """One SGD step on the valid rows of a batch; returns (state, {'loss', 'lr'})."""
   feats = jax.lax.stop_gradient(featurize(backbone_params, batch["image"]))
   valid = batch["valid"].astype(jnp.float32)
 
@@ -90,10 +91,11 @@ def _train_step(state: LinearState, backbone_params: Any, batch: dict[str, jax.A
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                       opt_state=opt_state), loss
+                       opt_state=opt_state), {"loss": loss, "lr": schedule(state.step)}
 
 
-def accuracy_fn(featurize, classifier: nn.Module):
+def accuracy_fn(featurize: Callable[[Any, jax.Array], jax.Array], classifier: nn.Module
+                ) -> Callable[[Any, dict[str, jax.Array]], dict[str, jax.Array]]:
   """(params {'backbone', 'linear'}, batch) -> per-image top-1 / top-5 hits, for extract()."""
 
   def hits(p, batch):
@@ -129,13 +131,12 @@ def train(featurize: Callable[[Any, jax.Array], jax.Array], backbone_params: Any
   classifier = LinearClassifier(num_labels)
   tx, schedule = make_optimizer(base_lr, batch_size, epochs, steps_per_epoch)
 
-  def init(rng):
-    params = classifier.init(rng, jnp.zeros((1, num_features)))["params"]
+  def init(seed):
+    params = classifier.init(jax.random.PRNGKey(seed), jnp.zeros((1, num_features)))["params"]
     return LinearState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
-  init_rng = jax.random.PRNGKey(seed)
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
-                          jax.eval_shape(init, init_rng))
+                          jax.eval_shape(init, seed))
   mngr = None if ckpt_dir is None else ocp.CheckpointManager(
       os.path.abspath(ckpt_dir), options=ocp.CheckpointManagerOptions(max_to_keep=2),
       item_names=("state", "history"))
@@ -147,21 +148,22 @@ def train(featurize: Callable[[Any, jax.Array], jax.Array], backbone_params: Any
     state, history = restored["state"], list(restored["history"])
     logging.info("linear probe: resumed after epoch %d from %s", start, ckpt_dir)
   else:
-    state = jax.jit(init, out_shardings=repl)(init_rng)
+    state = jax.jit(init, static_argnums=0, out_shardings=repl)(seed)
 
-  step = jax.jit(functools.partial(_train_step, featurize=featurize, classifier=classifier, tx=tx),
-                 in_shardings=(repl, repl, batch_sh), out_shardings=(repl, repl),
-                 donate_argnums=0)
+  step = jax.jit(functools.partial(_train_step, featurize=featurize, classifier=classifier, tx=tx,
+                                   schedule=schedule),
+                 in_shardings=(repl, repl, batch_sh), out_shardings=(repl, repl), donate_argnums=0)
   backbone_params = jax.device_put(backbone_params, repl)
   hits = accuracy_fn(featurize, classifier)
   try:
     for epoch in range(start, epochs):
-      losses = []
+      metrics = []
       for batch in train_batches(epoch):
-        state, loss = step(state, backbone_params, pipeline.global_batch(batch, batch_sh))
-        losses.append(loss)
-      row = {"epoch": epoch, "loss": float(np.mean(jax.device_get(losses))),
-             "lr": float(schedule(epoch * steps_per_epoch))}
+        state, m = step(state, backbone_params, pipeline.global_batch(batch, batch_sh))
+        metrics.append(m)
+      metrics = jax.device_get(metrics)
+      row = {"epoch": epoch, "loss": float(np.mean([m["loss"] for m in metrics])),
+             "lr": float(metrics[0]["lr"])}  # one lr an epoch
       if (epoch + 1) % val_freq == 0 or epoch + 1 == epochs:
         out, _ = features_lib.extract(hits, {"backbone": backbone_params, "linear": state.params},
                                       eval_batches(), mesh)
@@ -207,14 +209,13 @@ def train_batches(config: mlc.ConfigDict, epoch: int, batch_size: int, *, proces
   e = config.eval
   source = make_source(config, config.data.train_split)
   seed = int(np.random.SeedSequence([config.seed, epoch]).generate_state(1)[0])
-  crop = RandomResizedCropFlip(config.global_crops_size, tuple(e.get("linear_crop_scale",
-                                                                     (0.08, 1.0))))
+  crop = RandomResizedCropFlip(config.global_crops_size, tuple(e.linear_crop_scale))
   local = batch_size // process_count
   ds = grain.MapDataset.source(source).shuffle(seed=seed).random_map(crop, seed=seed)
   ds = ds[process_index::process_count]
   pad = functools.partial(grain.experimental.batch_and_pad, batch_size=local)
   ds = ds.batch(local, batch_fn=pad).to_iter_dataset(
-      grain.ReadOptions(num_threads=config.data.get("threads", 2), prefetch_buffer_size=4))
+      grain.ReadOptions(num_threads=config.data.threads, prefetch_buffer_size=4))
   steps = math.ceil(len(source) / batch_size)
   done = 0
   for batch in ds:
@@ -231,11 +232,11 @@ def run(config: mlc.ConfigDict, workdir: str, which: str = "teacher") -> dict[st
   e = config.eval
   mesh = sharding_lib.make_mesh()
   pi, pc = jax.process_index(), jax.process_count()
-  local = features_lib.local_batch_size(e.get("linear_batch_size", 1024), mesh)
+  local = features_lib.local_batch_size(e.linear_batch_size, mesh)
   batch_size = local * pc
-  epochs = e.get("linear_epochs", 100)
-  n_last = e.get("linear_n_last_blocks", 4)
-  avgpool = e.get("linear_avgpool_patchtokens", False)
+  epochs = e.linear_epochs
+  n_last = e.linear_n_last_blocks
+  avgpool = e.linear_avgpool_patchtokens
   _, backbone, params, step = features_lib.load_backbone(workdir, which)
   source = make_source(config, config.data.train_split)
   if not getattr(source, "has_labels", True):
@@ -253,9 +254,9 @@ def run(config: mlc.ConfigDict, workdir: str, which: str = "teacher") -> dict[st
       eval_batches=lambda: pipeline.eval_batches(config, config.data.eval_split, local,
                                                  process_index=pi, process_count=pc),
       epochs=epochs, steps_per_epoch=math.ceil(len(source) / batch_size), batch_size=batch_size,
-      base_lr=e.get("linear_lr", 0.001), mesh=mesh, seed=config.seed,
+      base_lr=e.linear_lr, mesh=mesh, seed=config.seed,
       ckpt_dir=os.path.join(workdir, "eval", f"linear_checkpoints_{which}"),
-      val_freq=e.get("linear_val_freq", 1))
+      val_freq=e.linear_val_freq)
   result = {**result, "which": which, "step": step}
   if pi == 0:
     path = os.path.join(workdir, "eval", "linear.json" if which == "teacher" else

@@ -32,18 +32,19 @@ from dino_jax.evaluate import features, knn
 
 
 def evaluate(config: mlc.ConfigDict, backbone: nn.Module, models: dict[str, Any], *,
-             ks: Sequence[int], temperature: float, with_attention: bool = True,
+             ks: Sequence[int] | None, temperature: float = 0.07, with_attention: bool = True,
              mesh: Mesh | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
   """k-NN and (where the eval split has object masks) attention figures of each model.
 
   Args:
     backbone: the ViT module; models: {name: its backbone params}.
-    ks, temperature: the k-NN's k values and T.
+    ks, temperature: the k-NN's k values and T; ks None: no k-NN (the train split is not read).
     with_attention: also score the attention on the eval split's object masks, if it has them.
   Returns:
     ({name: {'knn': knn.accuracy's dict, 'attention': attention.summarize's dict and 'maps' of
      the first config.eval.attention_images eval images (B, h, gh, gw) (if scored)}},
-     {'train_features_per_sec', 'eval_features_per_sec'}: images a second, all models together).
+     {'eval_features_per_sec', 'train_features_per_sec' (with k-NN)}: images a second, all
+     models together).
   """
   mesh = sharding_lib.make_mesh() if mesh is None else mesh
   d, e = config.data, config.eval
@@ -67,11 +68,15 @@ def evaluate(config: mlc.ConfigDict, backbone: nn.Module, models: dict[str, Any]
                          maps=maps)
     return out
 
-  bank, train_stats = features.extract(train_fn, models, batches(d.train_split), mesh)
   queries, eval_stats = features.extract(eval_fn, models, batches(d.eval_split), mesh)
-  labelled = bank["label"].min() >= 0 and queries["label"].min() >= 0
-  if not labelled:
-    logging.warning("the data has no labels: no k-NN evaluation")
+  speed = {"eval_features_per_sec": eval_stats["examples_per_sec"] * len(models)}
+  labelled = ks is not None
+  if labelled:
+    bank, train_stats = features.extract(train_fn, models, batches(d.train_split), mesh)
+    speed["train_features_per_sec"] = train_stats["examples_per_sec"] * len(models)
+    labelled = bank["label"].min() >= 0 and queries["label"].min() >= 0
+    if not labelled:
+      logging.warning("the data has no labels: no k-NN evaluation")
   results = {}
   for name in models:
     res = results[name] = {}
@@ -81,8 +86,6 @@ def evaluate(config: mlc.ConfigDict, backbone: nn.Module, models: dict[str, Any]
     if "jaccard" in queries[name]:
       res["attention"] = attention.summarize(queries[name])
       res["maps"] = queries[name]["maps"][:e.attention_images]
-  speed = {"train_features_per_sec": train_stats["examples_per_sec"] * len(models),
-           "eval_features_per_sec": eval_stats["examples_per_sec"] * len(models)}
   return results, speed
 
 

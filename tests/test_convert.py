@@ -11,55 +11,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dino_jax import convert
+import release
 from dino_jax.models import DINOHead, build_vit
 
 timm_vit = pytest.importorskip("timm.models.vision_transformer")
-# pylint: disable-next=g-import-not-at-top,wrong-import-position,unused-import
-from test_vit_timm import one_torch_thread  # noqa: F401  (an autouse fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
 
 SMALL = dict(embed_dim=48, depth=2, num_heads=3, patch_size=16)
-
-
-class TorchDINOHead(nn.Module):
-  """The release's DINOHead (transcribed)."""
-
-  def __init__(self, in_dim, out_dim, use_bn=False, norm_last_layer=True, nlayers=3,
-               hidden_dim=2048, bottleneck_dim=256, parametrized=False):
-    super().__init__()
-    nlayers = max(nlayers, 1)
-    if nlayers == 1:
-      self.mlp = nn.Linear(in_dim, bottleneck_dim)
-    else:
-      layers = [nn.Linear(in_dim, hidden_dim)]
-      if use_bn:
-        layers.append(nn.BatchNorm1d(hidden_dim))
-      layers.append(nn.GELU())
-      for _ in range(nlayers - 2):
-        layers.append(nn.Linear(hidden_dim, hidden_dim))
-        if use_bn:
-          layers.append(nn.BatchNorm1d(hidden_dim))
-        layers.append(nn.GELU())
-      layers.append(nn.Linear(hidden_dim, bottleneck_dim))
-      self.mlp = nn.Sequential(*layers)
-    linear = nn.Linear(bottleneck_dim, out_dim, bias=False)
-    if parametrized:  # torch's newer API: keys parametrizations.weight.original0 / original1
-      self.last_layer = nn.utils.parametrizations.weight_norm(linear)
-    else:
-      self.last_layer = nn.utils.weight_norm(linear)
-      self.last_layer.weight_g.data.fill_(1)
-      if norm_last_layer:
-        self.last_layer.weight_g.requires_grad = False
-
-  def forward(self, x):
-    x = self.mlp(x)
-    x = F.normalize(x, dim=-1, p=2)
-    return self.last_layer(x)
 
 
 def timm_model(**kw):
@@ -129,7 +91,7 @@ def test_head_matches_release_head(use_bn, norm_last_layer, nlayers):
   """Torch head -> flax: same outputs (eval mode: BN with running stats); round trip bitwise."""
   torch.manual_seed(0)
   dims = dict(nlayers=nlayers, hidden_dim=32, bottleneck_dim=16)
-  ref = TorchDINOHead(24, 40, use_bn=use_bn, norm_last_layer=norm_last_layer, **dims).eval()
+  ref = release.DINOHead(24, 40, use_bn=use_bn, norm_last_layer=norm_last_layer, **dims).eval()
   with torch.no_grad():
     for name, t in ref.state_dict().items():
       if name.endswith("running_var"):
@@ -150,15 +112,15 @@ def test_head_matches_release_head(use_bn, norm_last_layer, nlayers):
   assert list(back) == list(tsd)
   for k, v in tsd.items():
     np.testing.assert_array_equal(back[k], v.numpy())
-  TorchDINOHead(24, 40, use_bn=use_bn, **dims).load_state_dict(
+  release.DINOHead(24, 40, use_bn=use_bn, **dims).load_state_dict(
       {k: torch.from_numpy(v) for k, v in back.items()}, strict=True)
 
 
 def test_parametrized_weight_norm_names():
   """torch.nn.utils.parametrizations.weight_norm keys (original0 = g, original1 = v) are read."""
   torch.manual_seed(0)
-  old = TorchDINOHead(24, 40, hidden_dim=32, bottleneck_dim=16)
-  new = TorchDINOHead(24, 40, hidden_dim=32, bottleneck_dim=16, parametrized=True)
+  old = release.DINOHead(24, 40, hidden_dim=32, bottleneck_dim=16)
+  new = release.DINOHead(24, 40, hidden_dim=32, bottleneck_dim=16, parametrized=True)
   new.load_state_dict({k.replace("weight_g", "parametrizations.weight.original0").replace(
       "weight_v", "parametrizations.weight.original1"): v for k, v in old.state_dict().items()})
   assert "last_layer.parametrizations.weight.original1" in new.state_dict()

@@ -1,48 +1,12 @@
 """DINOHead against a transcription of the release's DINOHead in PyTorch on the same weights."""
-import warnings
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from dino_jax.models import DINOHead
-
-
-class TorchDINOHead(nn.Module):
-  """The release's DINOHead (vision_transformer.py), init left out: weights are loaded."""
-
-  def __init__(self, in_dim, out_dim, use_bn=False, norm_last_layer=True, nlayers=3,
-               hidden_dim=2048, bottleneck_dim=256):
-    super().__init__()
-    nlayers = max(nlayers, 1)
-    if nlayers == 1:
-      self.mlp = nn.Linear(in_dim, bottleneck_dim)
-    else:
-      layers = [nn.Linear(in_dim, hidden_dim)]
-      if use_bn:
-        layers.append(nn.BatchNorm1d(hidden_dim))
-      layers.append(nn.GELU())
-      for _ in range(nlayers - 2):
-        layers.append(nn.Linear(hidden_dim, hidden_dim))
-        if use_bn:
-          layers.append(nn.BatchNorm1d(hidden_dim))
-        layers.append(nn.GELU())
-      layers.append(nn.Linear(hidden_dim, bottleneck_dim))
-      self.mlp = nn.Sequential(*layers)
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore")  # weight_norm is deprecated in favour of parametrizations
-      self.last_layer = nn.utils.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
-    self.last_layer.weight_g.data.fill_(1)
-    if norm_last_layer:
-      self.last_layer.weight_g.requires_grad = False
-
-  def forward(self, x):
-    x = self.mlp(x)
-    x = nn.functional.normalize(x, dim=-1, p=2)
-    return self.last_layer(x)
+import release
 
 
 def to_state_dict(params, batch_stats=None):
@@ -94,7 +58,7 @@ def test_forward_matches_release_head(nlayers, norm_last_layer):
   if not norm_last_layer:  # a trained g is not 1
     g = np.random.default_rng(9).uniform(0.5, 2.0, (1, 40))
     params["last_layer"]["kernel_g"] = jnp.asarray(g, jnp.float32)
-  ref = TorchDINOHead(24, 40, False, norm_last_layer, nlayers, 32, 16)
+  ref = release.DINOHead(24, 40, False, norm_last_layer, nlayers, 32, 16)
   ref.load_state_dict(to_state_dict(params), strict=True)  # the names map 1:1
   with torch.no_grad():
     want = ref(torch.from_numpy(x)).numpy()
@@ -108,7 +72,7 @@ def test_one_layer_head():
   head = DINOHead(12, nlayers=1, bottleneck_dim=16)
   params = random_variables(head, x)["params"]
   assert set(params) == {"mlp_0", "last_layer"}  # the release's key is plain mlp.*
-  ref = TorchDINOHead(24, 12, nlayers=1, bottleneck_dim=16)
+  ref = release.DINOHead(24, 12, nlayers=1, bottleneck_dim=16)
   sd = {k.replace("mlp.0.", "mlp."): v for k, v in to_state_dict(params).items()}
   ref.load_state_dict(sd, strict=True)
   with torch.no_grad():
@@ -128,7 +92,7 @@ def test_batchnorm_head_matches_torch_in_train_and_eval_mode():
   # Non-trivial BN affine params.
   for name in ("mlp_1", "mlp_4"):
     params[name] = {"scale": jnp.linspace(0.5, 1.5, 32), "bias": jnp.linspace(-0.2, 0.3, 32)}
-  ref = TorchDINOHead(24, 40, use_bn=True, nlayers=3, hidden_dim=32, bottleneck_dim=16)
+  ref = release.DINOHead(24, 40, use_bn=True, nlayers=3, hidden_dim=32, bottleneck_dim=16)
   ref.load_state_dict(to_state_dict(params, stats), strict=True)
 
   # Train mode: batch statistics (biased variance), running stats updated with momentum 0.1 and
@@ -162,7 +126,7 @@ def test_param_names_and_shapes_map_to_the_release_keys():
     variables = jax.tree.map(lambda v: np.zeros(v.shape, v.dtype),
                              jax.eval_shape(head.init, jax.random.PRNGKey(0), _inputs(d=d)))
     sd = to_state_dict(variables["params"], variables.get("batch_stats"))
-    ref = TorchDINOHead(d, k, use_bn=use_bn, hidden_dim=32, bottleneck_dim=16).state_dict()
+    ref = release.DINOHead(d, k, use_bn=use_bn, hidden_dim=32, bottleneck_dim=16).state_dict()
     assert sorted(sd) == sorted(ref)
     assert {key.rsplit(".", 1)[0] for key in sd} == set(want_modules + ["last_layer"])
     for key in ref:

@@ -30,8 +30,9 @@ from dino_jax.models import build_vit
 pytest.importorskip("timm")
 # Helpers of the sibling tests (pytest puts tests/ on sys.path): the torch references.
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from test_convert import TorchDINOHead, assert_trees_equal
-from test_vit_timm import make_timm, one_torch_thread, rel_err, release_pos_embed  # noqa: F401
+from test_convert import assert_trees_equal
+import release
+from test_vit_timm import make_timm, rel_err
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
@@ -161,19 +162,6 @@ def test_full_checkpoint_has_the_release_layout(workdirs, exports):
   assert not missing and all(k.startswith("head.") for k in unexpected)
 
 
-def _release_param_groups(model):
-  """The release's utils.get_params_groups (transcribed)."""
-  regularized, not_regularized = [], []
-  for name, param in model.named_parameters():
-    if not param.requires_grad:
-      continue
-    if name.endswith(".bias") or len(param.shape) == 1:
-      not_regularized.append(param)
-    else:
-      regularized.append(param)
-  return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
-
-
 def test_full_checkpoint_optimizer_resumes_in_torch_adamw(workdirs, exports):
   """The exported optimizer loads into the release's AdamW; its next step (clipping per tensor,
   lr / wd of that step) moves every parameter as dino_jax's next step does."""
@@ -181,9 +169,9 @@ def test_full_checkpoint_optimizer_resumes_in_torch_adamw(workdirs, exports):
   ckpt = torch.load(exports["full"], weights_only=True)
   student = torch.nn.Module()
   student.backbone = make_timm(224, 48, 2, 3, 16)
-  student.head = TorchDINOHead(48, 64, norm_last_layer=False, hidden_dim=40, bottleneck_dim=16)
+  student.head = release.DINOHead(48, 64, norm_last_layer=False, hidden_dim=40, bottleneck_dim=16)
   student.load_state_dict({k[len("module."):]: v for k, v in ckpt["student"].items()}, strict=True)
-  opt = torch.optim.AdamW(_release_param_groups(student))
+  opt = torch.optim.AdamW(release.get_params_groups(student.named_parameters()))
   opt.load_state_dict(ckpt["optimizer"])
 
   _, _, tx, schedules, _ = train_lib.make_training(config, STEPS_PER_EPOCH, config.total_steps)
@@ -212,9 +200,9 @@ def test_release_full_checkpoint_imports_and_resumes(tmp_path):
   student, teacher = torch.nn.Module(), torch.nn.Module()
   for net in (student, teacher):
     net.backbone = make_timm(224, 192, 12, 3, 16)  # vit_tiny/16
-    net.head = TorchDINOHead(192, 64, norm_last_layer=False, hidden_dim=40, bottleneck_dim=16)
+    net.head = release.DINOHead(192, 64, norm_last_layer=False, hidden_dim=40, bottleneck_dim=16)
   teacher.load_state_dict(student.state_dict())
-  opt = torch.optim.AdamW(_release_param_groups(student))
+  opt = torch.optim.AdamW(release.get_params_groups(student.named_parameters()))
   # The release's defaults (= base_config's): lr 5e-4 x 1024 / 256, 10 warm-up epochs, wd 0.04 ->
   # 0.4; here 1 step per epoch and 100 steps, so the last layer is frozen in step 0.
   lr_wd = _lr_wd(optim.make_optimizer(config_lib.base_config(), 1, 100)[1])
@@ -285,7 +273,7 @@ def test_timm_on_the_exported_pth_equals_ours(workdirs, exports, forward, hw):
   model, apply = forward
   h, w = hw
   timm_model = make_timm(hw, 48, 2, 3, 16)
-  timm_model.load_state_dict({**sd, "pos_embed": release_pos_embed(sd["pos_embed"], h // 16,
+  timm_model.load_state_dict({**sd, "pos_embed": release.interpolate_pos_encoding(sd["pos_embed"], h // 16,
                                                                     w // 16)}, strict=True)
   x = np.random.default_rng(0).normal(size=(2, h, w, 3)).astype(np.float32)
   with torch.no_grad():

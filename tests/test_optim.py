@@ -5,10 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 import torch
 
 from dino_jax import optim, schedules
+import release
 
 # A tree shaped like ours: flax path -> (torch name, flax shape).
 LEAVES = {
@@ -49,36 +49,6 @@ def flat_of(tree):
           for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def release_clip_gradients(named_params, clip):
-  for _, p in named_params:
-    if p.grad is not None:
-      param_norm = p.grad.data.norm(2)
-      clip_coef = clip / (param_norm + 1e-6)
-      if clip_coef < 1:
-        p.grad.data.mul_(clip_coef)
-
-
-def release_cancel_gradients_last_layer(epoch, named_params, freeze_last_layer):
-  if epoch >= freeze_last_layer:
-    return
-  for n, p in named_params:
-    if "last_layer" in n:
-      p.grad = None
-
-
-def release_params_groups(named_params):
-  regularized, not_regularized = [], []
-  for name, param in named_params:
-    if not param.requires_grad:
-      continue
-    if name.endswith(".bias") or len(param.shape) == 1:
-      not_regularized.append(param)
-    else:
-      regularized.append(param)
-  return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
-
-
-@pytest.mark.parametrize("norm_last_layer", [True, False])
 def test_matches_torch_adamw_as_the_release_drives_it(norm_last_layer):
   rng = np.random.default_rng(0)
   per_epoch, epochs, freeze_epochs = 3, 3, 1
@@ -107,7 +77,7 @@ def test_matches_torch_adamw_as_the_release_drives_it(norm_last_layer):
            for path, (name, _) in LEAVES.items()]
   if norm_last_layer:
     dict(named)["head.last_layer.weight_g"].requires_grad = False
-  opt = torch.optim.AdamW(release_params_groups(named), betas=(0.9, 0.999), eps=1e-8)
+  opt = torch.optim.AdamW(release.get_params_groups(named), betas=(0.9, 0.999), eps=1e-8)
   paths = list(LEAVES)
 
   # --- Ours.
@@ -134,8 +104,8 @@ def test_matches_torch_adamw_as_the_release_drives_it(norm_last_layer):
     for (_, p), path in zip(named, paths):
       p.grad = (torch.from_numpy(to_torch_layout(grads[it][path]).copy()) if p.requires_grad
                 else None)
-    release_clip_gradients(named, 3.0)
-    release_cancel_gradients_last_layer(epoch, named, freeze_epochs)
+    release.clip_gradients(named, 3.0)
+    release.cancel_gradients_last_layer(epoch, named, freeze_epochs)
     opt.step()
 
     params, opt_state = step(tree_from(grads[it]), opt_state, params)

@@ -222,10 +222,7 @@ def test_two_processes_equal_one(tmp_path, reference_run):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
   """A NaN injected into the loss from step 7 on: the run stops with a clear error, writes no
   checkpoint after it, and the step-4 checkpoint restores with finite params."""
-  import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from absl.testing import flagsaver  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   from dino_jax import train  # pylint: disable=g-import-not-at-top
 
   config = _load_config(TINY)
@@ -243,7 +240,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
   step, state = _final_state(tmp_path)
   assert step == 4
   assert all(np.isfinite(v).all() for v in _flat(state["params"]).values())
-  del config_flags, jax
 
 
 def _load_config(overrides):

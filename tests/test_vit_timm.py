@@ -7,7 +7,6 @@ torch.nn.functional.interpolate with scale_factor (g + 0.1) / n, align_corners F
 max |ours - timm| <= 1e-4 * max |timm| (fp32 on CPU).
 """
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +18,7 @@ from torch import nn
 
 from dino_jax import convert
 from dino_jax.models import build_vit, resize_pos_embed
+import release
 
 timm_vit = pytest.importorskip("timm.models.vision_transformer")
 
@@ -33,16 +33,6 @@ RUNS = [("vit_tiny16", (224, 224)), ("vit_tiny16_4blocks", (96, 96)),
         ("vit_tiny16_4blocks", (320, 480)), ("vit_small8_2blocks", (224, 224)),
         ("vit_small8_2blocks", (96, 96)), ("vit_small8_2blocks", (320, 480))]
 REL = 1e-4
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-  """One torch thread: on the few shared cores of CI, torch's intra-op threads mostly wait on each
-  other (element-wise ops measured 200x slower with 2 threads on a busy 2-core machine)."""
-  n = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(n)
 
 
 def rel_err(ours, ref) -> float:
@@ -66,26 +56,13 @@ def random_timm_state_dict(case: dict, seed: int = 0) -> dict[str, torch.Tensor]
   return {k: v + 0.05 * torch.randn_like(v) for k, v in sd.items()}
 
 
-def release_pos_embed(pos_embed: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
-  """The release's interpolate_pos_encoding, as the reference describes it (its forward only)."""
-  n = math.isqrt(pos_embed.shape[1] - 1)
-  if gh * gw == n * n and gh == gw:
-    return pos_embed
-  d = pos_embed.shape[-1]
-  patch = pos_embed[:, 1:].reshape(1, n, n, d).permute(0, 3, 1, 2)
-  patch = F.interpolate(patch, scale_factor=((gh + 0.1) / n, (gw + 0.1) / n), mode="bicubic",
-                        align_corners=False)
-  assert patch.shape[-2:] == (gh, gw)
-  return torch.cat([pos_embed[:, :1], patch.permute(0, 2, 3, 1).reshape(1, gh * gw, d)], 1)
-
-
 def timm_outputs(sd: dict, case: dict, x: torch.Tensor, n_last: int):
   """timm at x's size (NCHW): [CLS] (B, D), last attention (B, heads, T, T), last n normed
   tokens."""
   h, w = x.shape[-2:]
   p = case["patch_size"]
   model = make_timm((h, w), **case)
-  model.load_state_dict({**sd, "pos_embed": release_pos_embed(sd["pos_embed"], h // p, w // p)},
+  model.load_state_dict({**sd, "pos_embed": release.interpolate_pos_encoding(sd["pos_embed"], h // p, w // p)},
                         strict=True)
   seen = {}
   last = model.blocks[-1].attn
@@ -152,7 +129,7 @@ def test_resize_pos_embed_is_torch_bicubic_with_scale_factor(n, grid):
   rng = np.random.default_rng(0)
   pos = rng.normal(size=(1, n * n + 1, 8)).astype(np.float32)
   ours = np.asarray(resize_pos_embed(jnp.asarray(pos), grid))
-  ref = release_pos_embed(torch.from_numpy(pos), *grid).numpy()
+  ref = release.interpolate_pos_encoding(torch.from_numpy(pos), *grid).numpy()
   assert rel_err(ours, ref) <= 1e-5
   d = pos.shape[-1]
   by_size = F.interpolate(torch.from_numpy(pos[:, 1:]).reshape(1, n, n, d).permute(0, 3, 1, 2),

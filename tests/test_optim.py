@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 import torch
 
 from dino_jax import optim, schedules
@@ -49,6 +50,7 @@ def flat_of(tree):
           for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+@pytest.mark.parametrize('norm_last_layer', [True, False])
 def test_matches_torch_adamw_as_the_release_drives_it(norm_last_layer):
   rng = np.random.default_rng(0)
   per_epoch, epochs, freeze_epochs = 3, 3, 1

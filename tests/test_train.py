@@ -262,3 +262,40 @@ def _load_config(overrides):
       pass
     node[leaf] = value
   return config
+
+
+def test_default_recipe_short_run_stays_finite_and_writes_the_reports(tmp_path):
+  """configs/default.py as the main job runs it (BN head, its ViT, crops and evaluation), only
+  shorter and on fewer images: every logged loss is finite, the teacher is not collapsed (per-sample
+  entropy below 95% of ln K, batch-mean entropy well above 0) and the closing evaluation writes
+  knn.json and attention.json with the keys the README and tools read."""
+  short = ["--config.total_steps=30", "--config.log_every_steps=10",
+           "--config.checkpoint_every_steps=30", "--config.data.shapes_train_size=640",
+           "--config.data.shapes_eval_size=96", "--config.eval.batch_size=96"]
+  proc = subprocess.run(
+      [sys.executable, "-m", "dino_jax.train", "--config", os.path.join(REPO, "configs/default.py"),
+       "--workdir", str(tmp_path), *short], env=_env(1), cwd=REPO, capture_output=True, text=True,
+      timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert "COLLAPSE" not in proc.stderr
+  rows = _metrics(tmp_path, drop=())
+  assert [r["step"] for r in rows] == [10, 20, 30]
+  ln_k = np.log(_load_config([]).out_dim)
+  for r in rows:
+    assert np.isfinite(r["loss"]) and np.isfinite(r["kl"])
+  assert rows[-1]["entropy"] < 0.95 * ln_k, rows[-1]
+  assert rows[-1]["batch_entropy"] > 0.25 * ln_k, rows[-1]
+
+  with open(tmp_path / "eval" / "knn.json") as f:
+    knn = json.load(f)
+  for table in (knn["top1"], knn["top5"], knn["random_init"]["top1"]):
+    assert 0 <= table["20"] <= 100
+  with open(tmp_path / "eval" / "attention.json") as f:
+    att = json.load(f)
+  heads = _load_config([]).model.num_heads
+  assert len(att["per_head"]) == heads
+  assert att["jaccard"] == pytest.approx(max(att["per_head"]))
+  assert att["jaccard_head_mean"] == pytest.approx(np.mean(att["per_head"]))
+  assert 0 < att["object_area"] < 1 and 0 <= att["mass_on_object"] <= 1
+  assert set(att["random_init"]) >= {"jaccard", "jaccard_head_mean", "mass_on_object"}
+  assert os.path.getsize(tmp_path / "eval" / "attention.png") > 0

@@ -213,3 +213,22 @@ def test_device_augment_grayscale_and_solarize_rates_end_to_end():
   solarized = ~np.isclose(np.asarray(out["global"])[:, :, 0, 0], x).all(-1)
   assert solarized[:, 0].sum() == 0 and abs(solarized[:, 1].mean() - 0.2) < 4 * np.sqrt(0.16 / n)
   np.testing.assert_allclose(np.asarray(out["local"]), batch["local"] / 255, atol=1e-6)
+
+
+def test_inversion_flips_a_share_of_crops_and_leaves_the_other_draws_alone():
+  """aug.invert_prob (the shapes demo's addition): x -> 1 - x on that share of crops, after the
+  release's ops, whose random draws stay the same as without it."""
+  c = config_lib.base_config()
+  n = 2000
+  rng = np.random.default_rng(1)
+  batch = {"global": rng.integers(0, 256, (n, 2, 4, 4, 3), dtype=np.uint8),
+           "local": rng.integers(0, 256, (n, 3, 4, 4, 3), dtype=np.uint8)}
+  plain = jax.jit(augment.device_augment(c))(jax.random.PRNGKey(2), batch)
+  c.aug.invert_prob = 0.3
+  out = jax.jit(augment.device_augment(c))(jax.random.PRNGKey(2), batch)
+  for key in ("global", "local"):
+    a, b = np.asarray(plain[key]), np.asarray(out[key])
+    same = np.isclose(a, b, atol=1e-6).all((-3, -2, -1))
+    flipped = np.isclose(1.0 - a, b, atol=1e-6).all((-3, -2, -1))
+    assert (same | flipped).all()
+    assert abs(flipped.mean() - 0.3) < 4 * np.sqrt(0.21 / flipped.size)

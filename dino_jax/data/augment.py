@@ -208,7 +208,8 @@ def sample_params(rng: jax.Array, shape: tuple[int, ...], aug: mlc.ConfigDict,
   blur_prob, solarize_prob: broadcastable to shape (e.g. one per crop index, (G,)).
   Returns: 'jitter', 'gray', 'blur', 'solarize' bools (shape); 'order' int32 (shape + (4,)), a
   permutation of (brightness, contrast, saturation, hue) per image; 'brightness', 'contrast',
-  'saturation' factors uniform in [max(0, 1 - x), 1 + x], 'hue' in [-x, x]; 'sigma'.
+  'saturation' factors uniform in [max(0, 1 - x), 1 + x], 'hue' in [-x, x]; 'sigma'; 'invert'
+  (not in the release: aug.invert_prob, 0 there) drawn from its own key so the others do not move.
   """
   k = jax.random.split(rng, 10)
   u = lambda key, lo=0.0, hi=1.0: jax.random.uniform(key, shape, minval=lo, maxval=hi)
@@ -224,6 +225,7 @@ def sample_params(rng: jax.Array, shape: tuple[int, ...], aug: mlc.ConfigDict,
       "blur": u(k[7]) < blur_prob,
       "sigma": u(k[8], *aug.blur_sigma),
       "solarize": u(k[9]) < solarize_prob,
+      "invert": u(jax.random.fold_in(rng, 10)) < aug.get("invert_prob", 0.0),
   }
 
 
@@ -260,14 +262,17 @@ def color_jitter(img: jax.Array, p: dict[str, jax.Array]) -> jax.Array:
 
 
 def photometric(img: jax.Array, p: dict[str, jax.Array], blur_kernel: int) -> jax.Array:
-  """Colour jitter (random order) -> grayscale -> blur -> solarize, each where p says.
+  """Colour jitter (random order) -> grayscale -> blur -> solarize -> inversion, each where p says.
 
   img: float (..., H, W, 3) in [0, 1]; p: `sample_params` for its leading shape.
   """
   img = jnp.where(_per_image(p["jitter"]), color_jitter(img, p), img)
   img = jnp.where(_per_image(p["gray"]), grayscale(img), img)
   img = jnp.where(_per_image(p["blur"]), gaussian_blur(img, p["sigma"], blur_kernel), img)
-  return jnp.where(_per_image(p["solarize"]), solarize(img), img)
+  img = jnp.where(_per_image(p["solarize"]), solarize(img), img)
+  if "invert" in p:
+    img = jnp.where(_per_image(p["invert"]), 1.0 - img, img)
+  return img
 
 
 def device_augment(config: mlc.ConfigDict) -> Callable[[jax.Array, dict], dict]:

@@ -37,6 +37,7 @@ class Supervised(nn.Module):
   backbone: nn.Module
   num_classes: int
 
+  @nn.compact
   def __call__(self, x):
     return nn.Dense(self.num_classes)(self.backbone(x))
 

@@ -15,8 +15,8 @@ def get_config(arg: str | None = None):
   c.seed = 0
   c.data.source = "shapes"  # embedded, generated from the seed: no download
   c.data.workers = 0  # 2 CPU cores: the step needs both; crops are cheap at 32 px
-  # Batch 32 for 1200 steps: 8.8 minutes of training and evaluation on this 2-core CPU (0.41 s a
-  # step; batch 64 is 0.79 s a step, so only ~600 steps would fit).
+  # Batch 32 for 1200 steps: 8.3-9.2 minutes of training and evaluation on this 2-core CPU (0.41 s
+  # a step; batch 64 is 0.79 s a step, so only ~600 steps would fit).
   c.batch_size = 32
   c.total_steps = 1200
   c.log_every_steps = 100
@@ -55,7 +55,7 @@ def get_config(arg: str | None = None):
   # Sharper teacher: 0.02 (release 0.04) gave 43% vs 34% 20-NN at 800 steps (measured).
   c.teacher_temp = 0.02
   c.warmup_teacher_temp = 0.02
-  c.momentum_teacher = 0.99  # 0.996 -> 1 over 2000 steps leaves the teacher nearly frozen
+  c.momentum_teacher = 0.99  # 0.996 -> 1 in a short run leaves the teacher nearly frozen
   c.lr = 0.016  # x 32 / 256 = 2e-3 effective (release: 5e-4 at batch 256)
   c.warmup_epochs = 0.5  # 125 steps (release: 10 epochs)
 

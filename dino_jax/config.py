@@ -102,7 +102,7 @@ def base_config() -> mlc.ConfigDict:
   c.aug.blur_prob = (1.0, 0.1, 0.5)  # global crop 1, global crop 2, local crops
   c.aug.blur_sigma = (0.1, 2.0)
   c.aug.solarize_prob = (0.0, 0.2, 0.0)
-  c.aug.invert_prob = 0.0  # not in the release: x -> 1 - x per crop (configs/default.py uses it)
+  c.aug.invert_prob = 0.0  # not in the release: x -> 1 - x per crop (measured on shapes: see default.py)
 
   c.eval = mlc.ConfigDict()
   c.eval.after_training = False  # run k-NN and attention evaluations at the end of train

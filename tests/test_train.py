@@ -280,7 +280,8 @@ def test_default_recipe_short_run_stays_finite_and_writes_the_reports(tmp_path):
   assert "COLLAPSE" not in proc.stderr
   rows = _metrics(tmp_path, drop=())
   assert [r["step"] for r in rows] == [10, 20, 30]
-  ln_k = np.log(_load_config([]).out_dim)
+  config = _load_config([])
+  ln_k = np.log(config.out_dim)
   for r in rows:
     assert np.isfinite(r["loss"]) and np.isfinite(r["kl"])
   assert rows[-1]["entropy"] < 0.95 * ln_k, rows[-1]
@@ -292,8 +293,7 @@ def test_default_recipe_short_run_stays_finite_and_writes_the_reports(tmp_path):
     assert 0 <= table["20"] <= 100
   with open(tmp_path / "eval" / "attention.json") as f:
     att = json.load(f)
-  heads = _load_config([]).model.num_heads
-  assert len(att["per_head"]) == heads
+  assert len(att["per_head"]) == config.model.num_heads
   assert att["jaccard"] == pytest.approx(max(att["per_head"]))
   assert att["jaccard_head_mean"] == pytest.approx(np.mean(att["per_head"]))
   assert 0 < att["object_area"] < 1 and 0 <= att["mass_on_object"] <= 1

@@ -225,7 +225,7 @@ def sample_params(rng: jax.Array, shape: tuple[int, ...], aug: mlc.ConfigDict,
       "blur": u(k[7]) < blur_prob,
       "sigma": u(k[8], *aug.blur_sigma),
       "solarize": u(k[9]) < solarize_prob,
-      "invert": u(jax.random.fold_in(rng, 10)) < aug.get("invert_prob", 0.0),
+      "invert": u(jax.random.fold_in(rng, 10)) < aug.invert_prob,
   }
 
 
@@ -270,9 +270,7 @@ def photometric(img: jax.Array, p: dict[str, jax.Array], blur_kernel: int) -> ja
   img = jnp.where(_per_image(p["gray"]), grayscale(img), img)
   img = jnp.where(_per_image(p["blur"]), gaussian_blur(img, p["sigma"], blur_kernel), img)
   img = jnp.where(_per_image(p["solarize"]), solarize(img), img)
-  if "invert" in p:
-    img = jnp.where(_per_image(p["invert"]), 1.0 - img, img)
-  return img
+  return jnp.where(_per_image(p["invert"]), 1.0 - img, img)
 
 
 def device_augment(config: mlc.ConfigDict) -> Callable[[jax.Array, dict], dict]:

@@ -5,7 +5,8 @@
 
 Prints a table and, as its last line, one JSON object: images_per_sec, step_ms (median after
 warm-up), compile_s, flops_per_image (XLA cost analysis of the whole step), mfu (against --peak_tflops
-when given), peak memory (device memory stats on GPU/TPU; process RSS on CPU).
+when given), peak memory (device memory stats on GPU/TPU; process RSS on CPU) and the compiled
+step's temporary buffers (XLA memory analysis: activations kept for the backward pass and scratch).
 """
 import functools
 import json
@@ -62,6 +63,8 @@ def main(argv):
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  mem = compiled.memory_analysis()  # XLA's buffer assignment: the step's temporaries
+  temp_bytes = getattr(mem, "temp_size_in_bytes", float("nan")) if mem is not None else float("nan")
 
   for _ in range(2):
     state, metrics = compiled(state, batch, key)
@@ -88,6 +91,7 @@ def main(argv):
       "mfu": (flops / step_s / 1e12 / (_PEAK.value * jax.device_count())) if _PEAK.value else None,
       "peak_memory_gb": peak_bytes / 2**30,
       "memory": "device peak" if stats else "process max RSS",
+      "temp_memory_gb": temp_bytes / 2**30,
       "loss_finite": bool(jnp.isfinite(metrics["loss"])),
   }
   for k, v in result.items():

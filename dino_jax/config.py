@@ -10,7 +10,7 @@ import json
 
 import ml_collections as mlc
 
-from dino_jax.models.vit import SIZES
+from dino_jax.models.vit import ATTENTION_IMPLS, SIZES
 
 
 def base_config() -> mlc.ConfigDict:
@@ -66,6 +66,8 @@ def base_config() -> mlc.ConfigDict:
   c.model.head_hidden_dim = 2048
   c.model.head_bottleneck_dim = 256
   c.model.dtype = "float32"  # compute dtype; "bfloat16" on GPU/TPU (params stay float32)
+  c.model.attention = "matmul"  # matmul | xla | cudnn (jax.nn.dot_product_attention); see vit.py
+  c.model.remat = False  # recompute block activations in the backward pass: memory for FLOPs
 
   c.mesh = mlc.ConfigDict()
   c.mesh.data = -1  # -1: all devices not used by fsdp
@@ -90,6 +92,9 @@ def base_config() -> mlc.ConfigDict:
   c.data.shapes_seed = 0  # the embedded data stay the same across training seeds
   c.data.shapes_classes = ("disc", "square", "triangle", "ring", "cross", "star")
   c.data.shapes_area = (0.12, 0.35)  # object area, fraction of the image
+  c.data.shapes_polarity = "random"  # random | light (the object is the lighter gray level)
+  c.data.shapes_fg_range = (0.0, 1.0)  # object gray level, uniform in this range
+  c.data.shapes_bg_range = (0.0, 1.0)  # background gray level
 
   c.aug = mlc.ConfigDict()
   c.aug.flip_prob = 0.5
@@ -183,6 +188,10 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None) -> None:
     fail("grad_accum_steps", f"does not divide batch_size={config.batch_size}")
   if config.model.dtype not in ("float32", "bfloat16", "float16"):
     fail("model.dtype", "expected float32, bfloat16 or float16")
+  if config.model.attention not in ATTENTION_IMPLS:
+    fail("model.attention", f"expected one of {ATTENTION_IMPLS}")
+  if config.model.attention == "cudnn" and config.model.dtype == "float32":
+    fail("model.attention", "cudnn flash attention needs model.dtype bfloat16 or float16")
   if num_devices is not None:
     fsdp = config.mesh.fsdp
     if fsdp <= 0 or num_devices % fsdp:

@@ -44,7 +44,8 @@ def build_models(config) -> tuple[MultiCropWrapper, MultiCropWrapper]:
   m = config.model
   dtype = jnp.dtype(m.dtype)
   sizes = {k: m[k] for k in ("embed_dim", "depth", "num_heads") if m[k] > 0}
-  vit_kw = dict(img_size=config.global_crops_size, dtype=dtype, **sizes)
+  vit_kw = dict(img_size=config.global_crops_size, dtype=dtype, attention=m.attention,
+                remat=m.remat, **sizes)
 
   def wrapper(drop_path_rate):
     backbone = build_vit(m.arch, m.patch_size, drop_path_rate=drop_path_rate, **vit_kw)
@@ -396,22 +397,25 @@ def _truncate_metrics(path: str, step: int) -> None:
 
 
 def _init_from(state: state_lib.TrainState, workdir: str, state_sh) -> state_lib.TrainState:
-  """Student, teacher and centre from another workdir's latest checkpoint; fresh optimizer."""
-  _, student, _ = checkpoint.restore_params(workdir, "student")
-  _, teacher_params, _ = checkpoint.restore_params(workdir, "teacher")
-  for name, new, old in (("params", student, state.params),
-                         ("teacher_params", teacher_params, state.teacher_params)):
+  """Student, teacher, centre and BatchNorm statistics from another workdir's latest checkpoint;
+  fresh optimizer state and step."""
+  _, source = checkpoint.restore_host(workdir)
+  copied = {}
+  for name in ("params", "teacher_params", "center", "batch_stats", "teacher_batch_stats"):
+    old = getattr(state, name)
+    new = source.get(name, {})
     flat_new = dict(jax.tree_util.tree_flatten_with_path(new)[0])
-    for path, x in jax.tree_util.tree_flatten_with_path(old)[0]:
+    flat_old, treedef = jax.tree_util.tree_flatten_with_path(old)
+    for path, x in flat_old:
       if path not in flat_new or flat_new[path].shape != x.shape:
-        key = jax.tree_util.keystr(path)
         got = flat_new[path].shape if path in flat_new else "missing"
-        raise ValueError(f"config.init_from={workdir}: {name}{key} has shape {got}, this model "
-                         f"needs {x.shape}")
-  state = state.replace(params=jax.device_put(student, state_sh.params),
-                        teacher_params=jax.device_put(teacher_params, state_sh.teacher_params))
-  logging.info("initialised student and teacher from %s", workdir)
-  return state
+        raise ValueError(f"config.init_from={workdir}: {name}{jax.tree_util.keystr(path)} has "
+                         f"shape {got}, this model needs {x.shape}")
+    leaves = [jnp.asarray(flat_new[path], x.dtype) for path, x in flat_old]
+    copied[name] = jax.device_put(jax.tree_util.tree_unflatten(treedef, leaves),
+                                  getattr(state_sh, name))
+  logging.info("initialised student, teacher, centre and BN statistics from %s", workdir)
+  return state.replace(**copied)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -113,6 +113,47 @@ def test_shapes_noise_level():
   assert abs((noisy - gray)[inner].std() - 0.06) < 0.004
 
 
+def test_shapes_light_polarity_puts_the_lighter_level_on_the_object_only():
+  """polarity 'light': the object's pixels are the lighter ones in every image; the geometry,
+  labels and the pair of gray levels are the random images' (same draws, levels swapped where the
+  object was the darker), and 'random' has both polarities."""
+  rand, light = sources.ShapesSource(60, "train"), sources.ShapesSource(60, "train", polarity="light")
+  lighter = []
+  for i in range(60):
+    r, l = rand[i], light[i]
+    np.testing.assert_array_equal(r["object_mask"], l["object_mask"])
+    assert r["label"] == l["label"]
+    pr, pl = rand.params(i), light.params(i)
+    assert {pr["fg"], pr["bg"]} == {pl["fg"], pl["bg"]} and pl["fg"] > pl["bg"]
+    img, m = l["image"][..., 0].astype(float), l["object_mask"]
+    assert img[m].mean() > img[~m].mean()
+    img, m = r["image"][..., 0].astype(float), r["object_mask"]
+    lighter.append(img[m].mean() > img[~m].mean())
+  assert 15 < sum(lighter) < 45
+  with pytest.raises(ValueError, match="polarity 'dark'"):
+    sources.ShapesSource(10, "train", polarity="dark")
+
+
+def test_shapes_level_ranges():
+  """fg_range / bg_range bound the two gray levels (noise-free pixels at full coverage read the
+  level back); the default (0, 1) ranges span both levels over the whole range; levels that can
+  never be min_contrast apart are refused."""
+  src = sources.ShapesSource(40, "train", fg_range=(0.7, 0.8), bg_range=(0.2, 0.3), noise=0.0)
+  for i in range(40):
+    p, r = src.params(i), src[i]
+    assert 0.7 <= p["fg"] <= 0.8 and 0.2 <= p["bg"] <= 0.3
+    cov = src.coverage(p)
+    img = r["image"][..., 0] / 255
+    np.testing.assert_allclose(img[cov == 1], p["fg"], atol=0.5 / 255)
+    np.testing.assert_allclose(img[cov == 0], p["bg"], atol=0.5 / 255)
+  default = sources.ShapesSource(60, "train")
+  for key in ("fg", "bg"):
+    levels = [default.params(i)[key] for i in range(60)]
+    assert min(levels) < 0.15 and max(levels) > 0.85
+  with pytest.raises(ValueError, match="min_contrast"):
+    sources.ShapesSource(10, "train", fg_range=(0.4, 0.5), bg_range=(0.4, 0.5))
+
+
 # ----------------------------------------------------------------------------------------------
 # Image folders.
 # ----------------------------------------------------------------------------------------------

@@ -300,7 +300,7 @@ def test_transformers_on_the_hf_export_equals_ours(workdirs, exports, forward):
 
 def test_imported_workdir_resumes_and_initialises_training(workdirs, exports, tmp_path):
   """`train --workdir` restores it into make_training's sharded state; `--config.init_from`
-  takes its student and teacher."""
+  takes its student, teacher, centre and BN statistics."""
   _, config, state = workdirs[False]
   out = str(tmp_path / "imported")
   import_torch.import_weights(exports["full"], out)
@@ -318,8 +318,9 @@ def test_imported_workdir_resumes_and_initialises_training(workdirs, exports, tm
   assert_trees_equal(jax.tree.map(np.asarray, restored.teacher_params), state.teacher_params)
   fresh = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract)
   started = train_lib._init_from(fresh, out, state_sh)  # pylint: disable=protected-access
-  assert_trees_equal(jax.tree.map(np.asarray, started.params), state.params)
-  assert_trees_equal(jax.tree.map(np.asarray, started.teacher_params), state.teacher_params)
+  for name in ("params", "teacher_params", "center", "batch_stats", "teacher_batch_stats"):
+    assert_trees_equal(jax.tree.map(np.asarray, getattr(started, name)), getattr(state, name))
+  assert int(started.step) == 0  # a new run: its own step and optimizer state
 
 
 def _error(fn, exc=ValueError) -> str:

@@ -239,3 +239,30 @@ def test_init_statistics():
     else:
       raise AssertionError(f"unexpected parameter {name}")
   assert len(flat) == 4 + 12 + 2  # patch (2), cls, pos; per block 12; final LN 2
+
+
+@pytest.mark.parametrize("kw", [dict(attention="xla"), dict(remat=True),
+                                dict(attention="xla", remat=True)])
+def test_attention_impl_and_remat_give_the_same_outputs_and_gradients(tiny_params, kw):
+  """model.attention='xla' (jax.nn.dot_product_attention) and model.remat only change how the
+  numbers are computed: [CLS] output, attention maps and parameter gradients (with drop path on)
+  match the plain matmul form, and the parameter tree is the same."""
+  x = _images(2)
+  base, other = tiny(drop_path_rate=0.2), tiny(drop_path_rate=0.2, **kw)
+  assert (jax.tree.structure(jax.eval_shape(other.init, jax.random.PRNGKey(0), x)["params"])
+          == jax.tree.structure(tiny_params))
+
+  def outputs(model):
+    def loss(p):
+      out = model.apply({"params": p}, x, deterministic=False,
+                        rngs={"drop_path": jax.random.PRNGKey(3)})
+      return jnp.sum(out ** 2)
+    attn = model.apply({"params": tiny_params}, x, method=model.get_last_selfattention)
+    cls = model.apply({"params": tiny_params}, x)
+    return cls, attn, jax.grad(loss)(tiny_params)
+
+  want, got = jax.jit(lambda: outputs(base))(), jax.jit(lambda: outputs(other))()
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-6)
+  for g, w in zip(jax.tree.leaves(got[2]), jax.tree.leaves(want[2])):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)

@@ -4,6 +4,7 @@ Runs go through `python -m dino_jax.train` in subprocesses (device count and pro
 when jax starts) on a tiny ViT and the embedded shapes data.
 """
 import json
+import logging
 import os
 import shutil
 import signal
@@ -111,6 +112,7 @@ def test_misspelt_config_key_fails_fast_naming_the_closest_key(tmp_path):
     ("--config.local_crops_number=-1", "local_crops_number=-1"),
     ("--config.model.arch=vit_smal", "vit_small"),
     ("--config.data.source=folder", "data.path"),  # no folder given
+    ("--config.model.attention=flash", "model.attention='flash'"),
 ])
 def test_bad_values_fail_before_compiling_naming_the_value(tmp_path, override, needle):
   proc = _train(tmp_path, override, check=False)
@@ -240,6 +242,22 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
   step, state = _final_state(tmp_path)
   assert step == 4
   assert all(np.isfinite(v).all() for v in _flat(state["params"]).values())
+
+
+def test_one_compilation_of_the_step_for_the_whole_run(tmp_path, caplog):
+  """Logging, checkpointing and the NaN checks between steps never change what the jitted step
+  sees (shapes, shardings, static arguments): jax.log_compiles reports train_step compiled once in
+  a 12-step run that logs every 2 steps and checkpoints every 4."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from dino_jax import train  # pylint: disable=g-import-not-at-top
+
+  config = _load_config(TINY)
+  with jax.log_compiles(), caplog.at_level(logging.WARNING):
+    train.train_and_evaluate(config, str(tmp_path))
+  compiles = [r.getMessage() for r in caplog.records
+              if r.getMessage().startswith("Compiling") and "train_step" in r.getMessage()]
+  assert len(compiles) == 1, compiles
+  assert len(_metrics(tmp_path)) == 6
 
 
 def _load_config(overrides):

@@ -41,7 +41,8 @@ def make_source(config: mlc.ConfigDict, split: str, *, min_side: int = 0
     size = d.shapes_train_size if split == d.train_split else d.shapes_eval_size
     return ShapesSource(size, split, seed=d.shapes_seed, image_size=d.shapes_image_size,
                         classes=tuple(d.shapes_classes),
-                        area=tuple(d.shapes_area))
+                        area=tuple(d.shapes_area), polarity=d.shapes_polarity,
+                        fg_range=tuple(d.shapes_fg_range), bg_range=tuple(d.shapes_bg_range))
   if d.source == "folder":
     return FolderSource(_split_dir(d.path, split, d.train_split), min_side=min_side,
                         cache_dir=d.cache_dir)
@@ -98,8 +99,10 @@ class ShapesSource:
   Index i has class i % num_classes (balanced). Its shape has a random area (a uniform fraction
   `area` of the image's), rotation and position (wholly inside the image); it is rendered with
   `supersample`^2 samples a pixel, and the mask is coverage >= 0.5. Object and background are two
-  random gray levels at least `min_contrast` apart, plus Gaussian pixel noise of std `noise`.
-  Everything follows from (seed, split, index): any record can be made alone, in any process.
+  random gray levels (uniform in fg_range and bg_range) at least `min_contrast` apart, plus
+  Gaussian pixel noise of std `noise`; polarity 'light' puts the lighter of the two on the object
+  ('random': either). Everything follows from (seed, split, index): any record can be made alone,
+  in any process.
   Records are cached once made (a 32 px split of 8,000 is ~30 MB).
   """
 
@@ -108,20 +111,31 @@ class ShapesSource:
 
   def __init__(self, size: int, split: str, *, seed: int = 0, image_size: int = 32,
                classes: Sequence[str] = SHAPE_CLASSES, area: tuple[float, float] = (0.12, 0.35),
-               min_contrast: float = 0.3, noise: float = 0.06, supersample: int = 2):
+               min_contrast: float = 0.3, noise: float = 0.06, supersample: int = 2,
+               polarity: str = "random", fg_range: tuple[float, float] = (0.0, 1.0),
+               bg_range: tuple[float, float] = (0.0, 1.0)):
     unknown = set(classes) - set(SHAPE_CLASSES)
     if unknown:
       raise ValueError(f"unknown shapes {sorted(unknown)}; expected some of {SHAPE_CLASSES}")
     self.size, self.split, self.seed, self.image_size = size, split, seed, image_size
     self.classes, self.area = tuple(classes), area
+    if polarity not in ("random", "light"):
+      raise ValueError(f"shapes polarity {polarity!r}: expected 'random' or 'light'")
     self.min_contrast, self.noise, self.supersample = min_contrast, noise, supersample
+    for name, (lo, hi) in (("fg_range", fg_range), ("bg_range", bg_range)):
+      if not 0 <= lo <= hi <= 1:
+        raise ValueError(f"shapes {name}={(lo, hi)}: need 0 <= low <= high <= 1")
+    if max(fg_range[1] - bg_range[0], bg_range[1] - fg_range[0]) < min_contrast:
+      raise ValueError(f"shapes fg_range={fg_range}, bg_range={bg_range}: no pair of levels is "
+                       f"min_contrast={min_contrast} apart")
+    self.polarity, self.fg_range, self.bg_range = polarity, tuple(fg_range), tuple(bg_range)
     self.num_classes = len(self.classes)
     self._split_id = zlib.crc32(split.encode())
     # Shared by every source of the same parameters in this process (training, then its
     # evaluation, render each image once).
     self._cache = _RENDERED.setdefault(
         (size, split, seed, image_size, self.classes, tuple(area), min_contrast, noise,
-         supersample), {})
+         supersample, polarity, self.fg_range, self.bg_range), {})
 
   def __len__(self) -> int:
     return self.size
@@ -150,9 +164,13 @@ class ShapesSource:
     pts = _TEMPLATES[self.classes[label]][1] @ np.array([[c, si], [-si, c]]) * math.sqrt(area)
     centre = [rng.uniform(-pts[:, k].min(), s - pts[:, k].max()) for k in (0, 1)]
     while True:
-      fg, bg = rng.uniform(size=2)
+      u = rng.uniform(size=2)  # (scaled into the ranges: the default (0, 1) leaves u as drawn)
+      fg = self.fg_range[0] + (self.fg_range[1] - self.fg_range[0]) * u[0]
+      bg = self.bg_range[0] + (self.bg_range[1] - self.bg_range[0]) * u[1]
       if abs(fg - bg) >= self.min_contrast:
         break
+    if self.polarity == "light" and fg < bg:  # the same draws, the lighter level on the object
+      fg, bg = bg, fg
     return dict(label=label, area=area, angle=angle, centre=centre, fg=fg, bg=bg), rng
 
   def coverage(self, p: dict[str, Any]) -> np.ndarray:

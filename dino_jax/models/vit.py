@@ -97,19 +97,33 @@ def resize_pos_embed(pos_embed: jax.Array, grid_hw: tuple[int, int]) -> jax.Arra
   return jnp.concatenate([cls_pos, patch_pos.reshape(1, gh * gw, -1).astype(pos_embed.dtype)], 1)
 
 
+ATTENTION_IMPLS = ("matmul", "xla", "cudnn")
+
+
 class Attention(nn.Module):
-  """Multi-head self-attention with a fused qkv projection (rows q, k, v; heads contiguous)."""
+  """Multi-head self-attention with a fused qkv projection (rows q, k, v; heads contiguous).
+
+  impl: 'matmul' (softmax(q k^T * s) v written out; also the only form that returns the weights),
+  'xla' or 'cudnn' (jax.nn.dot_product_attention with that implementation; cudnn is the fused
+  flash kernel on NVIDIA GPUs, bf16/fp16 only). Same numbers up to rounding; which is fastest is
+  measured by benchmarks/attention.py per platform (benchmarks/RESULTS.md).
+  """
   num_heads: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  impl: str = "matmul"
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x: (B, T, D) -> (output (B, T, D), attention (B, heads, T, T))."""
+  def __call__(self, x: jax.Array, return_attention: bool = False) -> jax.Array:
+    """x: (B, T, D) -> output (B, T, D); or the attention (B, heads, T, T) if return_attention."""
     b, t, d = x.shape
     dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
                               kernel_init=trunc_normal(), bias_init=nn.initializers.zeros)
     qkv = dense(3 * d, name="qkv")(x).reshape(b, t, 3, self.num_heads, d // self.num_heads)
+    if self.impl != "matmul" and not return_attention:
+      out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
+                                         implementation=self.impl)  # (B, T, heads, head_dim)
+      return dense(d, name="proj")(out.reshape(b, t, d))
     q, k, v = jnp.moveaxis(qkv, (2, 3), (0, 2))  # each (B, heads, T, head_dim)
     # The release scales the logits, (q k^T) * s; scaling q is the same numbers when s is a power
     # of two (head_dim 16, 64: every standard size) and T / head_dim times less work (XLA CPU
@@ -117,9 +131,11 @@ class Attention(nn.Module):
     # XLA CPU.
     logits = jnp.matmul(q * (d // self.num_heads) ** -0.5, jnp.swapaxes(k, -1, -2))
     attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    if return_attention:
+      return attn
     out = jnp.matmul(attn, v)  # (B, heads, T, head_dim)
     out = jnp.swapaxes(out, 1, 2).reshape(b, t, d)
-    return dense(d, name="proj")(out), attn
+    return dense(d, name="proj")(out)
 
 
 class Mlp(nn.Module):
@@ -148,6 +164,7 @@ class Block(nn.Module):
   drop_path_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = "matmul"  # Attention.impl
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True,
@@ -155,10 +172,10 @@ class Block(nn.Module):
     """x: (B, T, D) -> (B, T, D); or the attention (B, heads, T, T) if return_attention."""
     norm = functools.partial(nn.LayerNorm, epsilon=1e-6, use_fast_variance=False, dtype=self.dtype,
                              param_dtype=self.param_dtype)
-    y, attn = Attention(self.num_heads, self.dtype, self.param_dtype, name="attn")(
-        norm(name="norm1")(x))
+    attn = Attention(self.num_heads, self.dtype, self.param_dtype, self.attention, name="attn")
+    y = attn(norm(name="norm1")(x), return_attention)
     if return_attention:
-      return attn
+      return y
     stochastic = not deterministic and self.drop_path_rate > 0
     if stochastic:
       y = drop_path(y, self.drop_path_rate, self.make_rng("drop_path"))
@@ -181,6 +198,8 @@ class VisionTransformer(nn.Module):
   img_size: int = 224  # the position embedding holds (img_size // patch_size)**2 patches + [CLS]
   dtype: Dtype = jnp.float32  # compute dtype (bf16 on GPU/TPU); params stay in param_dtype
   param_dtype: Dtype = jnp.float32
+  attention: str = "matmul"  # Attention.impl: matmul | xla | cudnn
+  remat: bool = False  # recompute each block's activations in the backward pass (less memory)
 
   def setup(self):
     p, d = self.patch_size, self.embed_dim
@@ -192,8 +211,13 @@ class VisionTransformer(nn.Module):
     self.cls_token = self.param("cls_token", trunc_normal(), (1, 1, d), self.param_dtype)
     self.pos_embed = self.param("pos_embed", trunc_normal(), (1, n + 1, d), self.param_dtype)
     rates = np.linspace(0, self.drop_path_rate, self.depth) if self.depth > 1 else [0.0]
+    # nn.remat keeps only each block's input for the backward pass; deterministic and
+    # return_attention (arguments 2, 3, counting the module; always passed positionally) are
+    # Python values: static.
+    block = nn.remat(Block, static_argnums=(2, 3)) if self.remat else Block
     self.blocks = [
-        Block(self.num_heads, self.mlp_ratio, float(r), self.dtype, self.param_dtype)
+        block(self.num_heads, self.mlp_ratio, float(r), self.dtype, self.param_dtype,
+              self.attention)
         for r in rates
     ]
     self.norm = nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, dtype=self.dtype,
@@ -218,22 +242,22 @@ class VisionTransformer(nn.Module):
     """x: (B, H, W, 3) -> final-LN [CLS] feature (B, D)."""
     x = self.prepare_tokens(x)
     for blk in self.blocks:
-      x = blk(x, deterministic)
+      x = blk(x, deterministic, False)
     return self.norm(x)[:, 0]
 
   def get_last_selfattention(self, x: jax.Array) -> jax.Array:
     """x: (B, H, W, 3) -> last block's attention (B, heads, T, T), before its residual update."""
     x = self.prepare_tokens(x)
     for blk in self.blocks[:-1]:
-      x = blk(x)
-    return self.blocks[-1](x, return_attention=True)
+      x = blk(x, True, False)
+    return self.blocks[-1](x, True, True)
 
   def get_intermediate_layers(self, x: jax.Array, n: int = 1) -> list[jax.Array]:
     """x: (B, H, W, 3) -> the last n blocks' tokens, each final-LN-normed: n x (B, T, D)."""
     x = self.prepare_tokens(x)
     out = []
     for i, blk in enumerate(self.blocks):
-      x = blk(x)
+      x = blk(x, True, False)
       if len(self.blocks) - i <= n:
         out.append(self.norm(x))
     return out

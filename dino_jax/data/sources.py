@@ -117,17 +117,17 @@ class ShapesSource:
     unknown = set(classes) - set(SHAPE_CLASSES)
     if unknown:
       raise ValueError(f"unknown shapes {sorted(unknown)}; expected some of {SHAPE_CLASSES}")
-    self.size, self.split, self.seed, self.image_size = size, split, seed, image_size
-    self.classes, self.area = tuple(classes), area
     if polarity not in ("random", "light"):
       raise ValueError(f"shapes polarity {polarity!r}: expected 'random' or 'light'")
-    self.min_contrast, self.noise, self.supersample = min_contrast, noise, supersample
     for name, (lo, hi) in (("fg_range", fg_range), ("bg_range", bg_range)):
       if not 0 <= lo <= hi <= 1:
         raise ValueError(f"shapes {name}={(lo, hi)}: need 0 <= low <= high <= 1")
     if max(fg_range[1] - bg_range[0], bg_range[1] - fg_range[0]) < min_contrast:
       raise ValueError(f"shapes fg_range={fg_range}, bg_range={bg_range}: no pair of levels is "
                        f"min_contrast={min_contrast} apart")
+    self.size, self.split, self.seed, self.image_size = size, split, seed, image_size
+    self.classes, self.area = tuple(classes), area
+    self.min_contrast, self.noise, self.supersample = min_contrast, noise, supersample
     self.polarity, self.fg_range, self.bg_range = polarity, tuple(fg_range), tuple(bg_range)
     self.num_classes = len(self.classes)
     self._split_id = zlib.crc32(split.encode())

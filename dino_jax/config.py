@@ -117,6 +117,9 @@ def base_config() -> mlc.ConfigDict:
   c.eval.attention_threshold = 0.6
   c.eval.attention_images = 8
   c.eval.compare_random_init = False  # also evaluate the same network at random init
+  # k-NN (and attention, where the data has object masks) of the teacher every N steps during
+  # training, into eval/progress.jsonl and TensorBoard; 0: off. Its time is not counted in images/s.
+  c.eval.every_steps = 0
   # Linear probe (eval_linear), the release's eval_linear.py defaults.
   c.eval.linear_epochs = 100
   c.eval.linear_lr = 0.001  # for a batch of 256, scaled linearly
@@ -163,7 +166,8 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None) -> None:
     if config_value(config, key) <= 0:
       fail(key, "must be positive")
   for key in ("epochs", "total_steps", "local_crops_number", "steps_per_epoch", "warmup_epochs",
-              "warmup_teacher_temp_epochs", "freeze_last_layer", "model.drop_path_rate"):
+              "warmup_teacher_temp_epochs", "freeze_last_layer", "model.drop_path_rate",
+              "eval.every_steps"):
     if config_value(config, key) < 0:
       fail(key, "must not be negative")
   if config.epochs == 0 and config.total_steps == 0:

@@ -307,7 +307,8 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
       state = _init_from(state, config.init_from, state_sh)
   metrics_path = os.path.join(workdir, "metrics.jsonl")
   if is_main:
-    _truncate_metrics(metrics_path, start_step)
+    for path in (metrics_path, os.path.join(workdir, "eval", "progress.jsonl")):
+      _truncate_metrics(path, start_step)
 
   # -- The jitted step. --------------------------------------------------------------------------
   step_fn = jax.jit(
@@ -369,6 +370,10 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
           collapse_streak = collapse_streak + 1 if warning else 0
           if collapse_streak >= 3:
             logging.warning("COLLAPSE: %s", warning)
+        if config.eval.every_steps and step % config.eval.every_steps == 0:
+          t_eval = time.time()
+          _evaluate_during_training(config, teacher.backbone, state, step, mesh, workdir, writer)
+          t0 += time.time() - t_eval  # images/s and ETA count training only
         if save_now or stop:
           checkpoint.save(mngr, step, state, data_iter)
         if stop:
@@ -384,6 +389,35 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
     from dino_jax.evaluate import report  # pylint: disable=g-import-not-at-top  (imports train)
     report.run(config, workdir, random_init=random_init)
   return state
+
+
+def _evaluate_during_training(config, backbone: nn.Module, state: state_lib.TrainState, step: int,
+                              mesh, workdir: str, writer) -> None:
+  """The teacher's k-NN top-1 (and attention scores, where the data has object masks) at this
+  step: one row of eval/progress.jsonl {"step", "knn_top1": {k: %}, "jaccard", "jaccard_head_mean",
+  "mass_on_object"}, TensorBoard scalars eval/..., and a log line."""
+  from dino_jax.evaluate import report  # pylint: disable=g-import-not-at-top  (imports train)
+  e = config.eval
+  results, _ = report.evaluate(config, backbone, {"teacher": state.teacher_params["backbone"]},
+                               ks=e.nb_knn, temperature=e.knn_temperature, mesh=mesh)
+  res = results["teacher"]
+  row = {"step": step}
+  if "knn" in res:
+    row["knn_top1"] = res["knn"]["top1"]
+  if "attention" in res:
+    row.update({k: res["attention"][k] for k in ("jaccard", "jaccard_head_mean",
+                                                  "mass_on_object")})
+  if jax.process_index() != 0:
+    return
+  os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+  with open(os.path.join(workdir, "eval", "progress.jsonl"), "a") as f:
+    f.write(json.dumps(row) + "\n")
+  scalars = {f"knn{k}_top1": v for k, v in row.get("knn_top1", {}).items()}
+  scalars.update({k: v for k, v in row.items() if k not in ("step", "knn_top1")})
+  for k, v in scalars.items():
+    writer.add_scalar(f"eval/{k}", v, step)
+  logging.info("evaluation at step %d: %s", step,
+               ", ".join(f"{k} {v:.3f}" if v < 1 else f"{k} {v:.1f}" for k, v in scalars.items()))
 
 
 def _truncate_metrics(path: str, step: int) -> None:

@@ -286,8 +286,10 @@ def test_default_recipe_short_run_stays_finite_and_writes_the_reports(tmp_path):
   """configs/default.py as the main job runs it (BN head, its ViT, crops and evaluation), only
   shorter and on fewer images: every logged loss is finite, the teacher is not collapsed (per-sample
   entropy below 95% of ln K, batch-mean entropy well above 0) and the closing evaluation writes
-  knn.json and attention.json with the keys the README and tools read."""
-  short = ["--config.total_steps=30", "--config.log_every_steps=10",
+  knn.json and attention.json with the keys the README and tools read. The evaluation during
+  training (eval.every_steps) writes a row at steps 15 and 30; the last is the same teacher as the
+  closing report's, so it gives the same figures."""
+  short = ["--config.total_steps=30", "--config.log_every_steps=10", "--config.eval.every_steps=15",
            "--config.checkpoint_every_steps=30", "--config.data.shapes_train_size=640",
            "--config.data.shapes_eval_size=96", "--config.eval.batch_size=96"]
   proc = subprocess.run(
@@ -317,3 +319,10 @@ def test_default_recipe_short_run_stays_finite_and_writes_the_reports(tmp_path):
   assert 0 < att["object_area"] < 1 and 0 <= att["mass_on_object"] <= 1
   assert set(att["random_init"]) >= {"jaccard", "jaccard_head_mean", "mass_on_object"}
   assert os.path.getsize(tmp_path / "eval" / "attention.png") > 0
+
+  with open(tmp_path / "eval" / "progress.jsonl") as f:
+    progress = [json.loads(line) for line in f]
+  assert [r["step"] for r in progress] == [15, 30]
+  assert progress[-1]["knn_top1"] == pytest.approx(knn["top1"])
+  for key in ("jaccard", "jaccard_head_mean", "mass_on_object"):
+    assert progress[-1][key] == pytest.approx(att[key], abs=1e-5)

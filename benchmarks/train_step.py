@@ -8,8 +8,12 @@ warm-up), compile_s, flops_per_image (XLA cost analysis of the whole step), mfu 
 when given), peak memory (device memory stats on GPU/TPU; process RSS on CPU) and the compiled
 step's temporary buffers (XLA memory analysis: activations kept for the backward pass and scratch).
 """
+import collections
 import functools
+import glob
+import gzip
 import json
+import os
 import resource
 import time
 
@@ -27,6 +31,25 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Train
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps after 2 warm-up steps.")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Peak dense TFLOP/s of the device, for MFU.")
 _AUGMENT = flags.DEFINE_bool("augment", True, "Include the on-device photometric augmentation.")
+_PROFILE = flags.DEFINE_string("profile_dir", "", "Also trace 3 steps with jax.profiler into this "
+                               "folder (TensorBoard / Perfetto) and print the ops taking most time.")
+
+
+def print_top_ops(trace_dir: str, steps: int, top: int = 25) -> None:
+  """The XLA ops of the newest Perfetto trace under trace_dir, by total time a step."""
+  path = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True),
+                key=os.path.getmtime)[-1]
+  with gzip.open(path) as f:
+    events = json.load(f)
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  total = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and "hlo_op" in e.get("args", {}):
+      total[e["name"]] += e.get("dur", 0) / 1e3 / steps
+  all_ms = sum(total.values())
+  print(f"XLA ops: {all_ms:.1f} ms a step in all ({path})")
+  for name, ms in total.most_common(top):
+    print(f"  {ms:8.2f} ms  {100 * ms / all_ms:5.1f} %  {name}")
 
 
 def main(argv):
@@ -76,6 +99,12 @@ def main(argv):
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - t)
   step_s = float(np.median(times))
+  if _PROFILE.value:
+    with jax.profiler.trace(_PROFILE.value, create_perfetto_trace=True):
+      for _ in range(3):
+        state, metrics = compiled(state, batch, key)
+      jax.block_until_ready(metrics)
+    print_top_ops(_PROFILE.value, steps=3)
 
   dev = jax.devices()[0]
   stats = dev.memory_stats() if dev.platform != "cpu" else None

@@ -395,7 +395,7 @@ def _evaluate_during_training(config, backbone: nn.Module, state: state_lib.Trai
                               mesh, workdir: str, writer) -> None:
   """The teacher's k-NN top-1 (and attention scores, where the data has object masks) at this
   step: one row of eval/progress.jsonl {"step", "knn_top1": {k: %}, "jaccard", "jaccard_head_mean",
-  "mass_on_object"}, TensorBoard scalars eval/..., and a log line."""
+  "mass_on_object"}, its plot eval/progress.png, TensorBoard scalars eval/..., and a log line."""
   from dino_jax.evaluate import report  # pylint: disable=g-import-not-at-top  (imports train)
   e = config.eval
   results, _ = report.evaluate(config, backbone, {"teacher": state.teacher_params["backbone"]},
@@ -409,9 +409,13 @@ def _evaluate_during_training(config, backbone: nn.Module, state: state_lib.Trai
                                                   "mass_on_object")})
   if jax.process_index() != 0:
     return
-  os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-  with open(os.path.join(workdir, "eval", "progress.jsonl"), "a") as f:
+  path = os.path.join(workdir, "eval", "progress.jsonl")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "a") as f:
     f.write(json.dumps(row) + "\n")
+  with open(path) as f:
+    report.plot_progress([json.loads(line) for line in f if line.strip()],
+                         os.path.join(workdir, "eval", "progress.png"))
   scalars = {f"knn{k}_top1": v for k, v in row.get("knn_top1", {}).items()}
   scalars.update({k: v for k, v in row.items() if k not in ("step", "knn_top1")})
   for k, v in scalars.items():

@@ -113,6 +113,7 @@ def test_misspelt_config_key_fails_fast_naming_the_closest_key(tmp_path):
     ("--config.model.arch=vit_smal", "vit_small"),
     ("--config.data.source=folder", "data.path"),  # no folder given
     ("--config.model.attention=flash", "model.attention='flash'"),
+    ("--config.eval.every_steps=-5", "eval.every_steps=-5"),
 ])
 def test_bad_values_fail_before_compiling_naming_the_value(tmp_path, override, needle):
   proc = _train(tmp_path, override, check=False)
@@ -326,3 +327,4 @@ def test_default_recipe_short_run_stays_finite_and_writes_the_reports(tmp_path):
   assert progress[-1]["knn_top1"] == pytest.approx(knn["top1"])
   for key in ("jaccard", "jaccard_head_mean", "mass_on_object"):
     assert progress[-1][key] == pytest.approx(att[key], abs=1e-5)
+  assert os.path.getsize(tmp_path / "eval" / "progress.png") > 0

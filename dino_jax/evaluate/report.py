@@ -160,6 +160,32 @@ def run(config: mlc.ConfigDict, workdir: str, random_init: Any = None
   return results
 
 
+def plot_progress(rows: Sequence[dict[str, Any]], path: str, headline_k: int = 20) -> None:
+  """eval/progress.jsonl's rows -> a figure: k-NN top-1 (left axis) and the attention's Jaccard,
+  best head and head mean (right axis), against the training step."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  steps = [r["step"] for r in rows]
+  fig = Figure(figsize=(6, 3.5))
+  ax = fig.add_subplot(1, 1, 1)
+  if "knn_top1" in rows[0]:
+    ks = list(rows[0]["knn_top1"])
+    k = str(headline_k) if str(headline_k) in ks else ks[0]
+    ax.plot(steps, [r["knn_top1"][k] for r in rows], "o-", color="C0", label=f"{k}-NN top-1")
+    ax.set_ylabel(f"{k}-NN top-1 (%)", color="C0")
+  if "jaccard" in rows[0]:
+    ax2 = ax.twinx()
+    ax2.plot(steps, [r["jaccard"] for r in rows], "s-", color="C1", label="Jaccard, best head")
+    ax2.plot(steps, [r["jaccard_head_mean"] for r in rows], "s--", color="C1",
+             label="Jaccard, head mean")
+    ax2.set_ylabel("Jaccard", color="C1")
+    ax2.legend(loc="lower right", fontsize=8)
+  ax.set_xlabel("step")
+  ax.set_title("the teacher during training", fontsize=10)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=100)
+
+
 def plot_examples(config: mlc.ConfigDict, maps: np.ndarray, patch_size: int, path: str) -> None:
   """The attention grid of the first eval images, maps (B, h, gh, gw) of those images."""
   batch = next(iter(pipeline.eval_batches(config, config.data.eval_split, len(maps))))

@@ -20,11 +20,12 @@ def get_config(arg: str | None = None):
   # polarity 100 %, of the object's level 97 %: benchmarks/factors.py) and the heads attend to the
   # darker region, object or background (best-head Jaccard 0.21, below random init's 0.31). With
   # the lighter level on the object one head traces the objects (best-head Jaccard 0.55 / 0.60 /
-  # 0.39 over seeds 0-2, random init ~0.35) but 20-NN drops (26.5 % vs 32.5 % mean). Narrowing the
-  # levels as well (no intensity cue at all) left the teacher near uniform (entropy 4.3).
+  # 0.39 over seeds 0-2 at lr 2e-3; 0.49 / 0.62 / 0.55 with the lr below; random init ~0.35) but
+  # 20-NN drops (26.5 % vs 32.5 % mean). Narrowing the levels as well (no intensity cue at all)
+  # left the teacher near uniform (entropy 4.3).
   c.data.shapes_polarity = "light"
-  # Batch 32 for 1200 steps: 7.9-8.9 minutes of training and evaluation on this 2-core CPU (about
-  # 0.37 s a step; batch 64 is about twice that, so only ~600 steps would fit).
+  # Batch 32 for 1200 steps: 8.1-8.5 minutes of training and evaluation on this 2-core CPU (about
+  # 0.38 s a step; batch 64 is about twice that, so only ~600 steps would fit).
   c.batch_size = 32
   c.total_steps = 1200
   c.log_every_steps = 100

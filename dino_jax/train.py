@@ -420,8 +420,8 @@ def _evaluate_during_training(config, backbone: nn.Module, state: state_lib.Trai
   scalars.update({k: v for k, v in row.items() if k not in ("step", "knn_top1")})
   for k, v in scalars.items():
     writer.add_scalar(f"eval/{k}", v, step)
-  logging.info("evaluation at step %d: %s", step,
-               ", ".join(f"{k} {v:.3f}" if v < 1 else f"{k} {v:.1f}" for k, v in scalars.items()))
+  logging.info("evaluation at step %d: %s", step, ", ".join(
+      f"{k} {v:.1f}" if k.startswith("knn") else f"{k} {v:.3f}" for k, v in scalars.items()))
 
 
 def _truncate_metrics(path: str, step: int) -> None:

@@ -13,6 +13,7 @@ and logs a table. Every model's features come from one pass over each split.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -48,25 +49,11 @@ def evaluate(config: mlc.ConfigDict, backbone: nn.Module, models: dict[str, Any]
   """
   mesh = sharding_lib.make_mesh() if mesh is None else mesh
   d, e = config.data, config.eval
-  p, threshold = backbone.patch_size, e.attention_threshold
   local = features.local_batch_size(e.batch_size, mesh)
   batches = lambda split: pipeline.eval_batches(config, split, local,
                                                 process_index=jax.process_index(),
                                                 process_count=jax.process_count())
-
-  def train_fn(params, batch):
-    return {name: features.cls_features(backbone, params[name], batch["image"])
-            for name in params}
-
-  def eval_fn(params, batch):
-    out = {}
-    for name in params:
-      out[name] = {"cls": features.cls_features(backbone, params[name], batch["image"])}
-      if with_attention and "object_mask" in batch:
-        maps = attention.cls_attention(backbone, params[name], batch["image"])
-        out[name].update(attention.object_scores(maps, batch["object_mask"], p, threshold),
-                         maps=maps)
-    return out
+  train_fn, eval_fn = _feature_fns(backbone, with_attention, e.attention_threshold)
 
   queries, eval_stats = features.extract(eval_fn, models, batches(d.eval_split), mesh)
   speed = {"eval_features_per_sec": eval_stats["examples_per_sec"] * len(models)}
@@ -87,6 +74,28 @@ def evaluate(config: mlc.ConfigDict, backbone: nn.Module, models: dict[str, Any]
       res["attention"] = attention.summarize(queries[name])
       res["maps"] = queries[name]["maps"][:e.attention_images]
   return results, speed
+
+
+@functools.lru_cache(maxsize=16)
+def _feature_fns(backbone: nn.Module, with_attention: bool, threshold: float):
+  """(train_fn, eval_fn) for features.extract, one pair per (backbone, options): the same function
+  objects each call, so the evaluations during training reuse their compiled steps."""
+
+  def train_fn(params, batch):
+    return {name: features.cls_features(backbone, params[name], batch["image"])
+            for name in params}
+
+  def eval_fn(params, batch):
+    out = {}
+    for name in params:
+      out[name] = {"cls": features.cls_features(backbone, params[name], batch["image"])}
+      if with_attention and "object_mask" in batch:
+        maps = attention.cls_attention(backbone, params[name], batch["image"])
+        out[name].update(attention.object_scores(maps, batch["object_mask"],
+                                                 backbone.patch_size, threshold), maps=maps)
+    return out
+
+  return train_fn, eval_fn
 
 
 def format_table(results: dict[str, dict[str, Any]], headline_k: int = 20) -> str:

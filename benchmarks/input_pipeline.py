@@ -21,7 +21,6 @@ import functools
 import json
 import os
 import random
-import sys
 import time
 
 import jax
@@ -161,10 +160,8 @@ def torch_loader(root: str, workers: int):
 # The main job's input.
 # ----------------------------------------------------------------------------------------------
 def main_job() -> dict:
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                  "configs"))
-  import default  # pylint: disable=g-import-not-at-top
-  c = default.get_config()
+  c = config_lib.from_file(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                      "configs", "default.py"))
   steps_per_epoch = c.data.shapes_train_size // c.batch_size
   it = iter(pipeline.train_dataset(c, process_index=0, process_count=1))
 

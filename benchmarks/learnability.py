@@ -1,7 +1,7 @@
 """The main job's ViT trained *with labels* for the same wall time: the ceiling for k-NN on the
 embedded data, and the proof that the data is learnable.
 
-  python benchmarks/learnability.py --seconds 480 [--config default] [--seed 0]
+  python benchmarks/learnability.py --seconds 480 [--config configs/default.py] [--seed 0]
 
 Training stops after --seconds or the config's total_steps, whichever comes first (--config names
 a module in configs/).
@@ -16,7 +16,6 @@ import argparse
 import functools
 import json
 import os
-import sys
 import time
 
 import flax.linen as nn
@@ -26,14 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "configs"))
+from dino_jax import config as config_lib
+from dino_jax import schedules
+from dino_jax import sharding as sharding_lib
+from dino_jax import train as train_lib
+from dino_jax.data import augment, pipeline, sources
+from dino_jax.evaluate import report
 
-from dino_jax import schedules  # noqa: E402
-from dino_jax import sharding as sharding_lib  # noqa: E402
-from dino_jax import train as train_lib  # noqa: E402
-from dino_jax.data import augment, pipeline, sources  # noqa: E402
-from dino_jax.evaluate import report  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Supervised(nn.Module):
@@ -48,10 +47,10 @@ class Supervised(nn.Module):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--seconds", type=float, default=480.0, help="training wall time")
-  parser.add_argument("--config", default="default")
+  parser.add_argument("--config", default=os.path.join(REPO, "configs", "default.py"))
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
-  config = __import__(args.config).get_config()
+  config = config_lib.from_file(args.config)
   config.seed = args.seed
   config.local_crops_number = 0
 

@@ -107,14 +107,20 @@ def summarize(scores: dict[str, np.ndarray]) -> dict[str, Any]:
   }
 
 
-def load_image(path: str, image_size: Sequence[int] = (480, 480), patch_size: int = 8
-               ) -> np.ndarray:
-  """An image file -> uint8 (H, W, 3), resized and cut to a multiple of the patch size.
+def load_image(image: str | os.PathLike | Image.Image | np.ndarray,
+               image_size: Sequence[int] = (480, 480), patch_size: int = 8) -> np.ndarray:
+  """An image (a file's path, a PIL image or a uint8 (H, W, 3) / (H, W) array) -> uint8 (H, W, 3),
+  resized and cut to a multiple of the patch size.
 
   As the release: one size resizes the shorter side to it (aspect kept), two give (H, W); PIL
   bilinear; then the bottom and right rows beyond a multiple of the patch size are dropped.
   """
-  img = Image.open(path).convert("RGB")
+  if isinstance(image, np.ndarray):
+    if image.dtype != np.uint8 or image.ndim not in (2, 3):
+      raise ValueError(f"load_image: a uint8 (H, W, 3) or (H, W) array, not {image.dtype} "
+                       f"{image.shape}")
+    image = Image.fromarray(image)
+  img = (image if isinstance(image, Image.Image) else Image.open(image)).convert("RGB")
   if len(image_size) == 1:
     s = image_size[0]
     w, h = img.size

@@ -20,11 +20,21 @@ from dino_jax import config as config_lib
 
 
 def manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
-  """CheckpointManager on workdir/checkpoints with items 'state' and (optionally) 'data'."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
-                                         read_only=read_only, enable_async_checkpointing=True)
-  return ocp.CheckpointManager(epath.Path(workdir) / "checkpoints", options=options,
-                               item_names=("state", "data"))
+  """CheckpointManager on workdir/checkpoints with items 'state' and (optionally) 'data'.
+
+  read_only: a manager for restoring only, which neither creates, saves nor deletes. (Its options
+  are set to that directly rather than through orbax's read_only flag, which logs four warnings
+  on every manager it builds.)
+  """
+  if read_only:
+    options = ocp.CheckpointManagerOptions(create=False, save_interval_steps=0,
+                                           enable_async_checkpointing=False)
+  else:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True)
+  return ocp.CheckpointManager(
+      epath.Path(workdir) / "checkpoints", options=options, item_names=("state", "data"),
+      item_handlers={"state": ocp.StandardCheckpointHandler(),
+                     "data": grain.checkpoint.CheckpointHandler()})
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iter: Any = None) -> None:
@@ -78,9 +88,7 @@ def load_config(workdir: str) -> mlc.ConfigDict:
 def restore_host(workdir: str, step: int | None = None) -> tuple[int, dict[str, Any]]:
   """(step, state) of a workdir's latest (or given) checkpoint as nested dicts of arrays on this
   process's first device, whatever mesh and device count wrote it (no model or config needed)."""
-  mngr = ocp.CheckpointManager(
-      epath.Path(workdir) / "checkpoints", options=ocp.CheckpointManagerOptions(read_only=True),
-      item_names=("state",), item_handlers={"state": ocp.StandardCheckpointHandler()})
+  mngr = manager(workdir, read_only=True)
   try:
     step = mngr.latest_step() if step is None else step
     if step is None:

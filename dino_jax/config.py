@@ -5,8 +5,12 @@ paper's / release's names where it has one.
 """
 from __future__ import annotations
 
+import ast
 import difflib
+import importlib.util
 import json
+import os
+from typing import Sequence
 
 import ml_collections as mlc
 
@@ -216,6 +220,38 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None) -> None:
 def config_value(config: mlc.ConfigDict, dotted: str):
   for part in dotted.split("."):
     config = config[part]
+  return config
+
+
+def from_file(path: str, overrides: Sequence[str] = ()) -> mlc.ConfigDict:
+  """get_config() of a config file (configs/default.py, ...) with "KEY.SUB=VALUE" overrides (a
+  leading "--config." is allowed; values are Python literals, else strings): what the trainer gets
+  from `--config PATH --config.KEY.SUB=VALUE`, for notebooks and scripts. An unknown key raises
+  KeyError naming it and the closest existing key."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path} not found")
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for item in overrides:
+    key, sep, text = item.removeprefix("--config.").partition("=")
+    if not sep:
+      raise ValueError(f"override {item!r}: expected KEY=VALUE")
+    *parents, leaf = key.split(".")
+    node = config
+    for i, name in enumerate(parents + [leaf]):
+      if name not in node:
+        close = difflib.get_close_matches(name, list(node.keys()), 1)
+        raise KeyError(f"{path}: no key {'.'.join(parents[:i] + [name])!r}"
+                       + (f" (did you mean {close[0]!r}?)" if close else ""))
+      if i < len(parents):
+        node = node[name]
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    node[leaf] = value
   return config
 
 

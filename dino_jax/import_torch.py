@@ -313,6 +313,21 @@ def load_state(weights: str, *, arch: str | None = None, patch_size: int | None 
   return config, jax.tree.map(np.array, state)  # copies: nothing shared with the caches
 
 
+def load_backbone(weights: str, which: str = "teacher", *, arch: str | None = None,
+                  patch_size: int | None = None) -> tuple[mlc.ConfigDict, Any, Any]:
+  """(config, backbone module, backbone params) of `weights`, in memory (no workdir): what
+  features.load_backbone gives for a workdir, for any file import_weights reads. `which` picks a
+  full checkpoint's network (a backbone file has one, used for both). The model is `arch` (checked
+  against the file, inferred when None) with the file's patch size and position-embedding grid;
+  every tensor is checked against it, as load_state does."""
+  if which not in ("teacher", "student"):
+    raise ValueError(f"which={which!r}: expected 'teacher' or 'student'")
+  config, state = load_state(weights, arch=arch, patch_size=patch_size, with_optimizer=False)
+  student, teacher = train_lib.build_models(config)
+  net, params = (teacher, state.teacher_params) if which == "teacher" else (student, state.params)
+  return config, net.backbone, jax.tree.map(jnp.asarray, params["backbone"])
+
+
 def import_weights(weights: str, output: str, *, arch: str | None = None,
                    patch_size: int | None = None, config: mlc.ConfigDict | None = None,
                    with_optimizer: bool = True) -> state_lib.TrainState:

@@ -7,8 +7,8 @@
   python -m dino_jax.visualize_attention --workdir DIR --output OUTDIR [--threshold 0.6]
 
 --weights: a backbone state_dict (the release's published files), a MultiCropWrapper state_dict or
-the release's full checkpoint (its --which network), read by import_torch.load_file and
-convert.torch_to_flax, in memory (no workdir is written). As the release: --image_size 480
+the release's full checkpoint (its --which network), read by import_torch.load_backbone in memory
+(no workdir is written). As the release: --image_size 480
 (one value) resizes the shorter side, two values give height and width (default 480 480); the
 image is then cut to a multiple of the patch size. OUTDIR gets img.png, attn-head{j}.png,
 mask_th{threshold}_head{j}.png and attention.png (the grid: image, each head's map, each mask).
@@ -20,20 +20,17 @@ attention_student.json) and OUTDIR/attention.png (the first eval.attention_image
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
-from flax import traverse_util
 
-from dino_jax import attention, convert
+from dino_jax import attention
 from dino_jax.evaluate import features, report
-from dino_jax.models import VisionTransformer, build_vit
+from dino_jax.models import VisionTransformer
 
 
 def _define_flags() -> None:
@@ -57,33 +54,6 @@ def maps_for_image(backbone: VisionTransformer, params: Any, image: np.ndarray) 
   """uint8 (H, W, 3) -> the [CLS] attention maps (heads, H / p, W / p)."""
   fn = jax.jit(attention.cls_attention, static_argnums=0)
   return np.asarray(fn(backbone, params, image[None]))[0]
-
-
-def load_weights(path: str, arch: str, patch_size: int | None, which: str = "teacher"
-                 ) -> tuple[VisionTransformer, Any]:
-  """(backbone, params) from PyTorch weights, in memory: a backbone state_dict (the release's
-  published files), a MultiCropWrapper one, or a full checkpoint's `which` network. The model is
-  `arch` with the file's patch size and position-embedding grid; every tensor's shape is checked."""
-  from dino_jax import import_torch  # pylint: disable=g-import-not-at-top (needs torch)
-  obj, _ = import_torch.load_file(path)
-  state_dict = obj[which] if isinstance(obj.get(which), dict) else obj
-  params = convert.torch_to_flax(state_dict)
-  params = params.get("backbone", params)
-  p = params["patch_embed"]["kernel"].shape[0]
-  if patch_size is not None and patch_size != p:
-    raise ValueError(f"{path} has patch size {p} (patch_embed.proj.weight), not {patch_size}")
-  grid = math.isqrt(params["pos_embed"].shape[1] - 1)
-  backbone = build_vit(arch, p, img_size=grid * p)
-  target = jax.eval_shape(backbone.init, jax.random.PRNGKey(0),
-                          jax.ShapeDtypeStruct((1, grid * p, grid * p, 3), jnp.float32))["params"]
-  have = {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(params).items()}
-  need = {"/".join(k): v.shape for k, v in traverse_util.flatten_dict(target).items()}
-  wrong = [f"{k}: {have.get(k, 'missing')} in the file, {arch} needs {s}"
-           for k, s in need.items() if have.get(k) != s]
-  wrong += [f"{k}: not in {arch}" for k in have.keys() - need.keys()]
-  if wrong:
-    raise ValueError(f"{path} does not fit {arch}/{p}: " + "; ".join(sorted(wrong)[:5]))
-  return backbone, params
 
 
 def split_scores(workdir: str, which: str, output: str, threshold: float) -> None:
@@ -119,7 +89,9 @@ def main(argv) -> None:
     if len(size) not in (1, 2):
       raise ValueError(f"--image_size {f.image_size}: one or two values")
     if f.weights is not None:
-      backbone, params = load_weights(f.weights, f.arch, f.patch_size, f.which)
+      from dino_jax import import_torch  # pylint: disable=g-import-not-at-top (needs torch)
+      _, backbone, params = import_torch.load_backbone(f.weights, f.which, arch=f.arch,
+                                                       patch_size=f.patch_size)
       source = f.weights
     else:
       _, backbone, params, step = features.load_backbone(f.workdir, f.which)

@@ -101,3 +101,13 @@ def test_load_image_resizes_like_the_release(tmp_path):
   assert attention.load_image(str(tmp_path / "x.png"), (480, 480), 16).shape == (480, 480, 3)
   # One size: shorter side 36, longer 36 * 80 / 50 = 57.6 -> 57, then cut to multiples of 8.
   assert attention.load_image(str(tmp_path / "x.png"), (36,), 8).shape == (32, 56, 3)
+  # A PIL image or an array gives what its file gives; a gray (H, W) array becomes RGB.
+  rgb = np.random.default_rng(0).integers(0, 256, (50, 80, 3), np.uint8)
+  Image.fromarray(rgb).save(tmp_path / "y.png")
+  want = attention.load_image(tmp_path / "y.png", (36,), 8)
+  np.testing.assert_array_equal(attention.load_image(rgb, (36,), 8), want)
+  np.testing.assert_array_equal(attention.load_image(Image.fromarray(rgb), (36,), 8), want)
+  gray = attention.load_image(rgb[..., 0], (36,), 8)
+  assert gray.shape == (32, 56, 3) and (gray == gray[..., :1]).all()
+  with pytest.raises(ValueError, match="float32"):
+    attention.load_image(rgb.astype(np.float32), (36,), 8)

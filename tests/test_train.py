@@ -106,6 +106,25 @@ def test_misspelt_config_key_fails_fast_naming_the_closest_key(tmp_path):
   assert time.time() - t < 60
 
 
+def test_config_from_file_equals_the_command_line(monkeypatch):
+  """config.from_file (notebooks, scripts) gives what ml_collections' --config flag parsing gives
+  the trainer for the same file and overrides; a misspelt key names the closest one."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from dino_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  path = os.path.join(REPO, "configs/default.py")
+  overrides = TINY + ["--config.global_crops_scale=(0.3,0.9)", "--config.data.source=folder"]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", path, flag_values=fv)
+  monkeypatch.setattr(sys, "argv", ["train", f"--config={path}", *overrides])  # read by the flag
+  fv(sys.argv)
+  got = config_lib.from_file(path, overrides)
+  assert got.to_dict() == fv.config.to_dict()
+  assert got.model.depth == 2 and got.global_crops_scale == (0.3, 0.9)
+  with pytest.raises(KeyError, match="model.detph.*'depth'"):
+    config_lib.from_file(path, ["model.detph=3"])
+
+
 @pytest.mark.parametrize("override, needle", [
     ("--config.batch_size=12", "batch_size=12"),  # 12 rows over 8 devices
     ("--config.global_crops_size=18", "global_crops_size=18"),  # patch 4 does not divide 18
@@ -226,9 +245,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
   """A NaN injected into the loss from step 7 on: the run stops with a clear error, writes no
   checkpoint after it, and the step-4 checkpoint restores with finite params."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from dino_jax import train  # pylint: disable=g-import-not-at-top
+  from dino_jax import config as config_lib, train  # pylint: disable=g-import-not-at-top
 
-  config = _load_config(TINY)
+  config = config_lib.from_file(os.path.join(REPO, "configs/default.py"), TINY)
   original = train.train_step
 
   def poisoned(state, batch, rng, **kw):
@@ -250,37 +269,15 @@ def test_one_compilation_of_the_step_for_the_whole_run(tmp_path, caplog):
   sees (shapes, shardings, static arguments): jax.log_compiles reports train_step compiled once in
   a 12-step run that logs every 2 steps and checkpoints every 4."""
   import jax  # pylint: disable=g-import-not-at-top
-  from dino_jax import train  # pylint: disable=g-import-not-at-top
+  from dino_jax import config as config_lib, train  # pylint: disable=g-import-not-at-top
 
-  config = _load_config(TINY)
+  config = config_lib.from_file(os.path.join(REPO, "configs/default.py"), TINY)
   with jax.log_compiles(), caplog.at_level(logging.WARNING):
     train.train_and_evaluate(config, str(tmp_path))
   compiles = [r.getMessage() for r in caplog.records
               if r.getMessage().startswith("Compiling") and "train_step" in r.getMessage()]
   assert len(compiles) == 1, compiles
   assert len(_metrics(tmp_path)) == 6
-
-
-def _load_config(overrides):
-  """configs/default.py with --config.KEY=VALUE overrides applied, as the CLI does."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import ast  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("default", os.path.join(REPO, "configs/default.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  for item in overrides:
-    key, value = item[len("--config."):].split("=", 1)
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    try:
-      value = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      pass
-    node[leaf] = value
-  return config
 
 
 def test_default_recipe_short_run_stays_finite_and_writes_the_reports(tmp_path):
@@ -301,7 +298,8 @@ def test_default_recipe_short_run_stays_finite_and_writes_the_reports(tmp_path):
   assert "COLLAPSE" not in proc.stderr
   rows = _metrics(tmp_path, drop=())
   assert [r["step"] for r in rows] == [10, 20, 30]
-  config = _load_config([])
+  from dino_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.from_file(os.path.join(REPO, "configs/default.py"))
   ln_k = np.log(config.out_dim)
   for r in rows:
     assert np.isfinite(r["loss"]) and np.isfinite(r["kl"])

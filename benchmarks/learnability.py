@@ -3,8 +3,8 @@ embedded data, and the proof that the data is learnable.
 
   python benchmarks/learnability.py --seconds 480 [--config configs/default.py] [--seed 0]
 
-Training stops after --seconds or the config's total_steps, whichever comes first (--config names
-a module in configs/).
+Training stops after --seconds or the config's total_steps, whichever comes first (--config: a
+config file, read by dino_jax.config.from_file).
 
 Same backbone, same host crops and on-device photometric augmentation (first global crop only),
 a linear classifier on the final-LN [CLS] trained with cross-entropy by AdamW (the config's lr

@@ -63,6 +63,10 @@ def base_config() -> mlc.ConfigDict:
   c.model.embed_dim = 0  # 0: the arch's size; set all three for vit_custom
   c.model.depth = 0
   c.model.num_heads = 0
+  # Side of the image the position embedding is laid out for (grid = img_size / patch_size); other
+  # sizes interpolate it at run time, as the release does. 0: global_crops_size. Imported weights
+  # set it to their own grid, so their crops can differ from it.
+  c.model.img_size = 0
   c.model.drop_path_rate = 0.1  # student only
   c.model.norm_last_layer = True
   c.model.use_bn_in_head = False
@@ -171,7 +175,7 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None) -> None:
       fail(key, "must be positive")
   for key in ("epochs", "total_steps", "local_crops_number", "steps_per_epoch", "warmup_epochs",
               "warmup_teacher_temp_epochs", "freeze_last_layer", "model.drop_path_rate",
-              "eval.every_steps"):
+              "eval.every_steps", "model.img_size"):
     if config_value(config, key) < 0:
       fail(key, "must not be negative")
   if config.epochs == 0 and config.total_steps == 0:
@@ -185,8 +189,8 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None) -> None:
                                                                      "num_heads")):
     fail("model.arch", "vit_custom needs model.embed_dim, model.depth and model.num_heads")
   p = config.model.patch_size
-  for key in ("global_crops_size", "local_crops_size"):
-    if config[key] % p:
+  for key in ("global_crops_size", "local_crops_size", "model.img_size"):
+    if config_value(config, key) % p:
       fail(key, f"not a multiple of model.patch_size={p}")
   for key in ("global_crops_scale", "local_crops_scale"):
     lo, hi = config[key]

@@ -21,8 +21,9 @@ the checkpoint's step is the optimizer's step, so `train` continues that run;
 
 The config is --config (or the release's defaults) with the architecture set from the weights:
 --arch / --patch_size are checked against them (and inferred when left out), the head's sizes are
-the file's, and global_crops_size is the position embedding's grid x patch size (a checkpoint
-trained at another resolution keeps its position embedding; the model resizes it at run time).
+the file's, and model.img_size is the position embedding's grid x patch size (a checkpoint
+trained at another resolution keeps its position embedding, the crops stay the config's; the
+model resizes the embedding at run time).
 Without --config, a full checkpoint's `args` fill the training keys (all of them when dino_jax
 wrote it: 'dino_jax_config').
 """
@@ -146,7 +147,7 @@ def _apply_release_args(config: mlc.ConfigDict, args: dict[str, Any]) -> mlc.Con
 
 def _backbone_config(config: mlc.ConfigDict, backbone: dict[str, np.ndarray], arch: str | None,
                      patch_size: int | None, num_heads: int | None, weights: str) -> None:
-  """Sets model.arch / patch_size / sizes and global_crops_size from (and checked against) the
+  """Sets model.arch / patch_size / sizes and model.img_size from (and checked against) the
   weights' shapes. Raises naming the tensor and both shapes on a mismatch."""
   d = backbone["cls_token"].shape[-1]
   depth = sum(1 for k in backbone if k.startswith("blocks_"))
@@ -181,10 +182,10 @@ def _backbone_config(config: mlc.ConfigDict, backbone: dict[str, np.ndarray], ar
   else:
     raise ValueError(f"unknown --arch {arch!r}; expected one of {sorted(SIZES)} or vit_custom")
   m.arch, m.patch_size = arch, p
-  if grid * p != config.global_crops_size:
-    logging.info("position embedding of a %dx%d grid: global_crops_size %d -> %d", grid, grid,
-                 config.global_crops_size, grid * p)
-    config.global_crops_size = grid * p
+  m.img_size = 0 if grid * p == config.global_crops_size else grid * p
+  if m.img_size:
+    logging.info("position embedding of a %dx%d grid (model.img_size %d; global crops of %d px)",
+                 grid, grid, grid * p, config.global_crops_size)
 
 
 def _head_config(config: mlc.ConfigDict, head: dict[str, Any]) -> None:

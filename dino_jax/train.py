@@ -44,8 +44,8 @@ def build_models(config) -> tuple[MultiCropWrapper, MultiCropWrapper]:
   m = config.model
   dtype = jnp.dtype(m.dtype)
   sizes = {k: m[k] for k in ("embed_dim", "depth", "num_heads") if m[k] > 0}
-  vit_kw = dict(img_size=config.global_crops_size, dtype=dtype, attention=m.attention,
-                remat=m.remat, **sizes)
+  vit_kw = dict(img_size=m.img_size or config.global_crops_size, dtype=dtype,
+                attention=m.attention, remat=m.remat, **sizes)
 
   def wrapper(drop_path_rate):
     backbone = build_vit(m.arch, m.patch_size, drop_path_rate=drop_path_rate, **vit_kw)

@@ -323,6 +323,25 @@ def test_imported_workdir_resumes_and_initialises_training(workdirs, exports, tm
   assert int(started.step) == 0  # a new run: its own step and optimizer state
 
 
+def test_import_keeps_the_configs_crops_and_the_files_position_grid(exports, forward):
+  """Weights trained at 224 px (a 14 x 14 position grid) into a config with 96 px global crops:
+  the crops stay the config's, model.img_size becomes the file's 224, and the model built from
+  the imported config gives, at 96 px, what the 224 px model gives (the grid resized at run
+  time)."""
+  config = small_config(False)
+  config.global_crops_size, config.local_crops_size = 96, 32
+  config, state = import_torch.load_state(exports["pth"], config=config)
+  assert (config.global_crops_size, config.local_crops_size, config.model.img_size) == (96, 32, 224)
+  backbone = train_lib.build_models(config)[1].backbone
+  x = np.random.default_rng(1).normal(size=(2, 96, 96, 3)).astype(np.float32)
+  params = {"params": state.teacher_params["backbone"]}
+  np.testing.assert_allclose(backbone.apply(params, x), forward[1](params, x), rtol=1e-5,
+                             atol=1e-5)
+  # Weights whose grid is the crops' own leave model.img_size at 0 (follow global_crops_size).
+  config, _ = import_torch.load_state(exports["pth"], config=small_config(False))
+  assert (config.global_crops_size, config.model.img_size) == (224, 0)
+
+
 def _error(fn, exc=ValueError) -> str:
   with pytest.raises(exc) as e:
     fn()

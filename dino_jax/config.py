@@ -229,9 +229,9 @@ def config_value(config: mlc.ConfigDict, dotted: str):
 
 def from_file(path: str, overrides: Sequence[str] = ()) -> mlc.ConfigDict:
   """get_config() of a config file (configs/default.py, ...) with "KEY.SUB=VALUE" overrides (a
-  leading "--config." is allowed; values are Python literals, else strings): what the trainer gets
-  from `--config PATH --config.KEY.SUB=VALUE`, for notebooks and scripts. An unknown key raises
-  KeyError naming it and the closest existing key."""
+  leading "--config." is allowed; values are Python literals, true / false as absl writes them,
+  else strings): what the trainer gets from `--config PATH --config.KEY.SUB=VALUE`, for notebooks
+  and scripts. An unknown key raises KeyError naming it and the closest existing key."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"config file {path} not found")
   spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
@@ -242,20 +242,21 @@ def from_file(path: str, overrides: Sequence[str] = ()) -> mlc.ConfigDict:
     key, sep, text = item.removeprefix("--config.").partition("=")
     if not sep:
       raise ValueError(f"override {item!r}: expected KEY=VALUE")
-    *parents, leaf = key.split(".")
+    names = key.split(".")
     node = config
-    for i, name in enumerate(parents + [leaf]):
+    for i, name in enumerate(names):
       if name not in node:
         close = difflib.get_close_matches(name, list(node.keys()), 1)
-        raise KeyError(f"{path}: no key {'.'.join(parents[:i] + [name])!r}"
+        raise KeyError(f"{path}: no key {'.'.join(names[:i + 1])!r}"
                        + (f" (did you mean {close[0]!r}?)" if close else ""))
-      if i < len(parents):
+      if i < len(names) - 1:
         node = node[name]
+    text = {"true": "True", "false": "False"}.get(text, text)  # as ml_collections' parser
     try:
       value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
       value = text
-    node[leaf] = value
+    node[names[-1]] = value
   return config
 
 

@@ -17,6 +17,7 @@ import pytest
 from helpers import assert_params_close
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(REPO, "configs/default.py")
 
 TINY = [
     "--config.model.arch=vit_custom", "--config.model.embed_dim=32", "--config.model.depth=2",
@@ -43,8 +44,8 @@ def _env(devices: int) -> dict:
 
 
 def _train_cmd(workdir, *extra):
-  return [sys.executable, "-m", "dino_jax.train", "--config", os.path.join(REPO,
-          "configs/default.py"), "--workdir", str(workdir), *TINY, *extra]
+  return [sys.executable, "-m", "dino_jax.train", "--config", DEFAULT_CONFIG, "--workdir",
+          str(workdir), *TINY, *extra]
 
 
 def _train(workdir, *extra, devices=8, check=True):
@@ -112,15 +113,16 @@ def test_config_from_file_equals_the_command_line(monkeypatch):
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   from dino_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  path = os.path.join(REPO, "configs/default.py")
-  overrides = TINY + ["--config.global_crops_scale=(0.3,0.9)", "--config.data.source=folder"]
+  path = DEFAULT_CONFIG
+  overrides = TINY + ["--config.global_crops_scale=(0.3,0.9)", "--config.data.source=folder",
+                      "--config.model.remat=true"]
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file("config", path, flag_values=fv)
   monkeypatch.setattr(sys, "argv", ["train", f"--config={path}", *overrides])  # read by the flag
   fv(sys.argv)
   got = config_lib.from_file(path, overrides)
   assert got.to_dict() == fv.config.to_dict()
-  assert got.model.depth == 2 and got.global_crops_scale == (0.3, 0.9)
+  assert got.model.depth == 2 and got.global_crops_scale == (0.3, 0.9) and got.model.remat is True
   with pytest.raises(KeyError, match="model.detph.*'depth'"):
     config_lib.from_file(path, ["model.detph=3"])
 
@@ -247,7 +249,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from dino_jax import config as config_lib, train  # pylint: disable=g-import-not-at-top
 
-  config = config_lib.from_file(os.path.join(REPO, "configs/default.py"), TINY)
+  config = config_lib.from_file(DEFAULT_CONFIG, TINY)
   original = train.train_step
 
   def poisoned(state, batch, rng, **kw):
@@ -271,7 +273,7 @@ def test_one_compilation_of_the_step_for_the_whole_run(tmp_path, caplog):
   import jax  # pylint: disable=g-import-not-at-top
   from dino_jax import config as config_lib, train  # pylint: disable=g-import-not-at-top
 
-  config = config_lib.from_file(os.path.join(REPO, "configs/default.py"), TINY)
+  config = config_lib.from_file(DEFAULT_CONFIG, TINY)
   with jax.log_compiles(), caplog.at_level(logging.WARNING):
     train.train_and_evaluate(config, str(tmp_path))
   compiles = [r.getMessage() for r in caplog.records
@@ -291,15 +293,15 @@ def test_default_recipe_short_run_stays_finite_and_writes_the_reports(tmp_path):
            "--config.checkpoint_every_steps=30", "--config.data.shapes_train_size=640",
            "--config.data.shapes_eval_size=96", "--config.eval.batch_size=96"]
   proc = subprocess.run(
-      [sys.executable, "-m", "dino_jax.train", "--config", os.path.join(REPO, "configs/default.py"),
-       "--workdir", str(tmp_path), *short], env=_env(1), cwd=REPO, capture_output=True, text=True,
+      [sys.executable, "-m", "dino_jax.train", "--config", DEFAULT_CONFIG, "--workdir",
+       str(tmp_path), *short], env=_env(1), cwd=REPO, capture_output=True, text=True,
       timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert "COLLAPSE" not in proc.stderr
   rows = _metrics(tmp_path, drop=())
   assert [r["step"] for r in rows] == [10, 20, 30]
   from dino_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  config = config_lib.from_file(os.path.join(REPO, "configs/default.py"))
+  config = config_lib.from_file(DEFAULT_CONFIG)
   ln_k = np.log(config.out_dim)
   for r in rows:
     assert np.isfinite(r["loss"]) and np.isfinite(r["kl"])

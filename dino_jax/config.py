@@ -45,6 +45,7 @@ def base_config() -> mlc.ConfigDict:
   c.warmup_teacher_temp_epochs = 0
   c.center_momentum = 0.9
   c.momentum_teacher = 0.996
+  c.momentum_teacher_end = 1.0  # the release: 1 (the teacher freezes at the end)
 
   # Optimisation.
   c.optimizer = "adamw"
@@ -196,6 +197,9 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None) -> None:
     lo, hi = config[key]
     if not 0 < lo <= hi <= 1:
       fail(key, "need 0 < min <= max <= 1")
+  for key in ("momentum_teacher", "momentum_teacher_end", "center_momentum"):
+    if not 0 <= config_value(config, key) <= 1:
+      fail(key, "an EMA momentum must lie in [0, 1]")
   if config.batch_size % config.grad_accum_steps:
     fail("grad_accum_steps", f"does not divide batch_size={config.batch_size}")
   if config.model.dtype not in ("float32", "bfloat16", "float16"):

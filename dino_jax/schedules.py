@@ -58,7 +58,8 @@ def dino_schedules(config, steps_per_epoch: int, total_steps: int) -> dict[str, 
   """lr, wd, momentum and teacher_temp schedules from a training config.
 
   lr = config.lr * global batch / 256 (linear scaling), warm-up over warmup_epochs, cosine to
-  min_lr; wd cosine weight_decay -> weight_decay_end; teacher momentum cosine momentum_teacher -> 1;
+  min_lr; wd cosine weight_decay -> weight_decay_end; teacher momentum cosine momentum_teacher ->
+  momentum_teacher_end (1 in the release);
   teacher temperature warmed over warmup_teacher_temp_epochs. Epoch-valued keys may be fractional
   (the short CPU demo warms up over part of a step budget); they are turned into steps here only.
   """
@@ -67,7 +68,7 @@ def dino_schedules(config, steps_per_epoch: int, total_steps: int) -> dict[str, 
       "lr": warmup_cosine(config.lr * config.batch_size / 256.0, config.min_lr, total_steps,
                           min(warmup, total_steps)),
       "wd": warmup_cosine(config.weight_decay, config.weight_decay_end, total_steps),
-      "momentum": warmup_cosine(config.momentum_teacher, 1.0, total_steps),
+      "momentum": warmup_cosine(config.momentum_teacher, config.momentum_teacher_end, total_steps),
       "teacher_temp": teacher_temp_schedule(config.warmup_teacher_temp, config.teacher_temp,
                                             config.warmup_teacher_temp_epochs, steps_per_epoch),
   }

@@ -70,8 +70,8 @@ def test_teacher_temp_by_epoch(warmup_temp, temp, warmup_epochs):
 def test_dino_schedules_scale_lr_linearly_with_the_global_batch():
   c = ml_collections.ConfigDict(dict(
       lr=5e-4, batch_size=1024, min_lr=1e-6, warmup_epochs=2, weight_decay=0.04,
-      weight_decay_end=0.4, momentum_teacher=0.996, warmup_teacher_temp=0.04, teacher_temp=0.07,
-      warmup_teacher_temp_epochs=3))
+      weight_decay_end=0.4, momentum_teacher=0.996, momentum_teacher_end=1.0,
+      warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=3))
   per_epoch, epochs = 7, 10
   total = per_epoch * epochs
   fns = schedules.dino_schedules(c, per_epoch, total)
@@ -90,3 +90,7 @@ def test_dino_schedules_scale_lr_linearly_with_the_global_batch():
   np.testing.assert_allclose(_values(schedules.dino_schedules(c, per_epoch, total)["lr"], total),
                              cosine_scheduler(5e-4 * 64 / 256, 1e-6, total, 2 * per_epoch),
                              rtol=1e-6)
+  c.momentum_teacher, c.momentum_teacher_end = 0.99, 0.998  # a short run's teacher keeps moving
+  np.testing.assert_allclose(
+      _values(schedules.dino_schedules(c, per_epoch, total)["momentum"], total),
+      cosine_scheduler(0.99, 0.998, total), rtol=1e-6)

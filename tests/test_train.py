@@ -135,6 +135,7 @@ def test_config_from_file_equals_the_command_line(monkeypatch):
     ("--config.data.source=folder", "data.path"),  # no folder given
     ("--config.model.attention=flash", "model.attention='flash'"),
     ("--config.eval.every_steps=-5", "eval.every_steps=-5"),
+    ("--config.momentum_teacher_end=1.5", "momentum_teacher_end=1.5"),
 ])
 def test_bad_values_fail_before_compiling_naming_the_value(tmp_path, override, needle):
   proc = _train(tmp_path, override, check=False)

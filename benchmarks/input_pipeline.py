@@ -10,10 +10,11 @@
    - torchvision: a DataLoader with the release's recipe written from the reference (PIL colour
      jitter, grayscale, PIL GaussianBlur, solarize, ToTensor, Normalize), same workers and batch.
 2. The embedded shapes source: images generated per second on one core.
-3. The main job (configs/default.py: batch 64, 2 x 32 + 4 x 16 crops, in-process): host CPU time
-   per batch in the first epoch (images generated) and later (cached), the device augmentation
-   per batch, and the train step (with the device augmentation) fed a fixed batch or the
-   pipeline, interleaved; each as a share of the step.
+3. The main job (configs/default.py, in-process), with the crops resampled on the host (PIL) and
+   on the device (aug.crops_on_device, the host drawing only the boxes): host CPU time per batch
+   in the first epoch (images generated) and later (cached), the device augmentation per batch
+   (crops included where on the device), and the train step (with the device augmentation) fed a
+   fixed batch or the pipeline, interleaved; each as a share of the step.
 
 Prints one JSON object as its last line.
 """
@@ -159,11 +160,13 @@ def torch_loader(root: str, workers: int):
 # ----------------------------------------------------------------------------------------------
 # The main job's input.
 # ----------------------------------------------------------------------------------------------
-def main_job() -> dict:
+def main_job(crops_on_device: bool) -> dict:
   c = config_lib.from_file(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                      "configs", "default.py"))
+                                      "configs", "default.py"),
+                           [f"aug.crops_on_device={crops_on_device}"])
   steps_per_epoch = c.data.shapes_train_size // c.batch_size
   it = iter(pipeline.train_dataset(c, process_index=0, process_count=1))
+  device = _device_ms(c, next(it))
 
   def cpu_ms(n):  # process CPU time (every thread) per batch consumed
     t = time.process_time()
@@ -177,7 +180,6 @@ def main_job() -> dict:
     next(it)
   cached = cpu_ms(100)
   it.close()
-  device = _device_ms(c, _crops(c, c.batch_size))
 
   # The step itself, fed a fixed batch or the pipeline (fresh: images generated as it goes),
   # interleaved so that the load of a shared machine hits both alike.
@@ -206,7 +208,8 @@ def main_job() -> dict:
   return {
       "setting": f"batch {c.batch_size}, 2x{c.global_crops_size} + "
                  f"{c.local_crops_number}x{c.local_crops_size} crops of "
-                 f"{c.data.shapes_image_size} px shapes, workers {c.data.workers}",
+                 f"{c.data.shapes_image_size} px shapes, workers {c.data.workers}, crops on the "
+                 f"{'device' if crops_on_device else 'host'}",
       "host_cpu_ms_per_batch_first_epoch": first_epoch,
       "host_cpu_ms_per_batch_cached": cached,
       "device_augment_ms_per_batch": device,
@@ -241,7 +244,8 @@ def main(argv):
     if _TORCH.value:
       result[f"torchvision_images_per_sec_{w}_workers"] = _rate(
           iter(torch_loader(_DIR.value, w)), _BATCH.value, _BATCHES.value)
-  result["main_job"] = main_job()
+  for on_device in (False, True):
+    result[f"main_job_{'device' if on_device else 'host'}_crops"] = main_job(on_device)
   result["load_average_end"] = os.getloadavg()
   for k, v in result.items():
     print(f"{k:>45}: {v}")

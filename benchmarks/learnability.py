@@ -74,7 +74,8 @@ def main():
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(params, opt_state, batch, rng):
-    images = photometric(rng, {"global": batch["global"][:, :1]})["global"][:, 0]
+    crops = {k: v for k, v in batch.items() if k != "label"}  # crops, or the image and its boxes
+    images = photometric(rng, crops)["global"][:, 0]
 
     def loss_fn(p):
       logits = model.apply({"params": p}, train_lib.normalize(images))

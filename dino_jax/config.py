@@ -117,6 +117,9 @@ def base_config() -> mlc.ConfigDict:
   c.aug.blur_sigma = (0.1, 2.0)
   c.aug.solarize_prob = (0.0, 0.2, 0.0)
   c.aug.invert_prob = 0.0  # not in the release: x -> 1 - x per crop (measured on shapes: see default.py)
+  # Where the RandomResizedCrops are resampled: False, on the host (PIL); True, on the device
+  # inside the step (the host only draws the boxes), for sources of one image size (shapes).
+  c.aug.crops_on_device = False
 
   c.eval = mlc.ConfigDict()
   c.eval.after_training = False  # run k-NN and attention evaluations at the end of train
@@ -219,6 +222,9 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None) -> None:
     if config.batch_size % shards:
       fail("batch_size", f"not divisible by the {data * fsdp} batch shards"
            + (f" x {config.grad_accum_steps} micro-batches" if config.grad_accum_steps > 1 else ""))
+  if config.aug.crops_on_device and config.data.source != "shapes":
+    fail("aug.crops_on_device", f"needs images of one size: data.source 'shapes', not "
+         f"{config.data.source!r}")
   if config.data.source not in ("shapes", "folder", "tfds"):
     close = difflib.get_close_matches(config.data.source, ["shapes", "folder", "tfds"], 1)
     fail("data.source", "expected shapes, folder or tfds"

@@ -90,6 +90,42 @@ def test_multicrop_shapes_determinism_and_flip_rate():
 
 
 # ----------------------------------------------------------------------------------------------
+# Device: crops (aug.crops_on_device) against PIL's, through torchvision's resized_crop.
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("hw", [(32, 32), (40, 48)])
+def test_device_crops_are_pil_bicubic_resized_crops(hw):
+  rng = np.random.default_rng(0)
+  image, n = _image(*hw), 200
+  for size in (32, 16, 8):  # shrinking and enlarging, each axis, both pass orders of Pillow
+    boxes = [augment.random_resized_crop_box(rng, hw[1], hw[0], (0.02, 1.0)) for _ in range(n)]
+    flips = rng.random(n) < 0.5
+    got = jax.jit(augment.device_crops, static_argnums=3)(
+        image[None], np.array([boxes], np.int32), flips[None], size)[0]
+    want = [np.asarray(F.resized_crop(Image.fromarray(image), *b, [size, size],
+                                      T.InterpolationMode.BICUBIC)) for b in boxes]
+    want = np.stack([w[:, ::-1] if f else w for w, f in zip(want, flips)]).astype(np.float64)
+    diff = np.abs(np.asarray(got, np.float64) * 255 - want)
+    # Float coefficients where PIL's are 22-bit fixed point: a level off here and there.
+    assert diff.max() <= 2.0 + 1e-3, (size, diff.max())
+    assert (diff > 0.5).mean() < 0.005, (size, (diff > 0.5).mean())
+
+
+def test_multicrop_on_device_draws_the_same_crops_as_on_the_host():
+  host = augment.MultiCrop(32, 16, 4, (0.4, 1.0), (0.05, 0.4), flip_prob=0.5)
+  dev = augment.MultiCrop(32, 16, 4, (0.4, 1.0), (0.05, 0.4), flip_prob=0.5, on_device=True)
+  record = {"image": _image(32, 32, seed=3)}
+  for seed in range(5):
+    want = host.random_map(record, np.random.default_rng(seed))
+    draws = dev.random_map(record, np.random.default_rng(seed))
+    assert set(draws) == {"image", "global_boxes", "global_flips", "local_boxes", "local_flips"}
+    batch = jax.tree.map(lambda x: np.asarray(x)[None], draws)
+    for name, size in (("global", 32), ("local", 16)):
+      got = augment.device_crops(batch["image"], batch[f"{name}_boxes"], batch[f"{name}_flips"],
+                                 size)[0]
+      np.testing.assert_allclose(np.asarray(got) * 255, want[name], atol=2.001)
+
+
+# ----------------------------------------------------------------------------------------------
 # Device: photometric ops against torchvision.transforms.functional on float tensors.
 # ----------------------------------------------------------------------------------------------
 def _torch(x):  # (..., H, W, 3) -> (..., 3, H, W)

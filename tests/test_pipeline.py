@@ -74,6 +74,29 @@ def test_batches_have_the_train_step_format():
   assert set(b) == {"global"}
 
 
+def test_crops_on_device_give_the_host_batches_once_augmented():
+  """aug.crops_on_device moves only the resampling: the device's crops of a batch are the host
+  pipeline's (to PIL's rounding), and device_augment turns both into the same training crops."""
+  host = next(iter(pipeline.train_dataset(_config(), process_index=0, process_count=1)))
+  c = _config(**{"aug.crops_on_device": True})
+  draws = next(iter(pipeline.train_dataset(c, process_index=0, process_count=1)))
+  assert draws["image"].shape == (16, 32, 32, 3) and draws["global_boxes"].shape == (16, 2, 4)
+  assert draws["local_flips"].shape == (16, 2)
+  for name, size in (("global", 16), ("local", 8)):
+    crops = augment.device_crops(draws["image"], draws[f"{name}_boxes"], draws[f"{name}_flips"],
+                                 size)
+    np.testing.assert_allclose(np.asarray(crops) * 255, host[name], atol=2.001)
+  fn = jax.jit(augment.device_augment(c))
+  a, b = fn(jax.random.PRNGKey(0), host), fn(jax.random.PRNGKey(0), draws)
+  assert set(a) == set(b) == {"global", "local"}
+  for k in a:
+    assert a[k].shape == b[k].shape
+    assert np.abs(np.asarray(a[k]) - np.asarray(b[k])).mean() < 1e-3, k
+  with pytest.raises(ValueError, match="crops_on_device.*'folder'"):
+    config_lib.validate(_config(**{"aug.crops_on_device": True, "data.source": "folder",
+                                   "model.patch_size": 8}))
+
+
 def test_same_seed_same_batches_other_seed_other_batches():
   first = _take(iter(pipeline.train_dataset(_config(), process_index=0, process_count=1)), 3)
   again = _take(iter(pipeline.train_dataset(_config(), process_index=0, process_count=1)), 3)

@@ -98,24 +98,39 @@ class MultiCrop(grain.transforms.RandomMap):
   global_scale: tuple[float, float]
   local_scale: tuple[float, float]
   flip_prob: float = 0.5
+  on_device: bool = False
 
   @classmethod
   def from_config(cls, config: mlc.ConfigDict) -> MultiCrop:
     return cls(config.global_crops_size, config.local_crops_size, config.local_crops_number,
                tuple(config.global_crops_scale), tuple(config.local_crops_scale),
-               config.aug.flip_prob)
+               config.aug.flip_prob, config.aug.crops_on_device)
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    img = Image.fromarray(element["image"])
+    """With on_device, the same draws without the pixels: {'image': uint8 (H0, W0, 3),
+    'global_boxes': int32 (2, 4), 'global_flips': bool (2,), 'local_boxes', 'local_flips'} for
+    `device_crops` (the images of a batch must then share one size)."""
+    image = element["image"]
+    height, width = image.shape[:2]
+    img = None if self.on_device else Image.fromarray(image)
 
-    def crop(size, scale):
-      out = resized_crop(img, random_resized_crop_box(rng, img.width, img.height, scale), size)
-      return out[:, ::-1] if rng.random() < self.flip_prob else out
+    def crops(n, size, scale):
+      draws = [(random_resized_crop_box(rng, width, height, scale), rng.random() < self.flip_prob)
+               for _ in range(n)]
+      if self.on_device:
+        return {"boxes": np.array([b for b, _ in draws], np.int32),
+                "flips": np.array([f for _, f in draws])}
+      out = [resized_crop(img, box, size) for box, _ in draws]
+      return np.stack([o[:, ::-1] if flip else o for o, (_, flip) in zip(out, draws)])
 
-    out = {"global": np.stack([crop(self.global_size, self.global_scale) for _ in range(2)])}
+    groups = {"global": crops(2, self.global_size, self.global_scale)}
     if self.local_number:
-      out["local"] = np.stack([crop(self.local_size, self.local_scale)
-                               for _ in range(self.local_number)])
+      groups["local"] = crops(self.local_number, self.local_size, self.local_scale)
+    if not self.on_device:
+      return groups
+    out = {"image": image}
+    for name, g in groups.items():
+      out[f"{name}_boxes"], out[f"{name}_flips"] = g["boxes"], g["flips"]
     return out
 
 
@@ -130,6 +145,59 @@ def eval_transform(image: np.ndarray, resize: int, crop: int) -> np.ndarray:
     img = img.resize((new_w, new_h), Image.BICUBIC)
   top, left = int(round((new_h - crop) / 2)), int(round((new_w - crop) / 2))
   return np.asarray(img.crop((left, top, left + crop, top + crop)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Device: crops (aug.crops_on_device), the host's resized_crop as two matrix products.
+# ----------------------------------------------------------------------------------------------
+def _bicubic(x: jax.Array) -> jax.Array:
+  """PIL's bicubic filter (a = -0.5), support 2."""
+  a, x = -0.5, jnp.abs(x)
+  return jnp.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                   jnp.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0.0))
+
+
+def resize_weights(start: jax.Array, length: jax.Array, n: int, size: int) -> jax.Array:
+  """(..., size, n): output pixel i of resizing pixels start .. start + length - 1 of an axis of n
+  to `size` is the weighted sum of the axis' pixels with row i, as PIL's bicubic resample of the
+  cropped image computes its coefficients (support scaled by the shrink factor, the window cut at
+  the crop's edges, each row normalised). A length equal to size gives the identity: torchvision's
+  unresampled same-size crop.
+
+  start, length: int (...).
+  """
+  start = start[..., None, None].astype(jnp.float32)
+  length = length[..., None, None].astype(jnp.float32)
+  scale = length / size
+  filterscale = jnp.maximum(scale, 1.0)
+  centre = (jnp.arange(size, dtype=jnp.float32)[:, None] + 0.5) * scale  # crop coordinates
+  x = jnp.arange(n, dtype=jnp.float32) - start  # (..., 1, n)
+  w = _bicubic((x - centre + 0.5) / filterscale) * ((x >= 0) & (x < length))
+  return w / jnp.sum(w, -1, keepdims=True)
+
+
+def device_crops(image: jax.Array, boxes: jax.Array, flips: jax.Array, size: int) -> jax.Array:
+  """The host's resized_crop (+ flip) on the device: uint8 images (B, H0, W0, 3), boxes int32
+  (B, N, 4) (top, left, h, w), flips bool (B, N) -> float32 (B, N, size, size, 3) in [0, 1] on
+  the 1/255 grid of the host's uint8 crops.
+
+  Departure (not in the release): PIL rounds to uint8 between its horizontal and vertical pass;
+  here only the result is rounded (measured against resized_crop: within one level of 255).
+  """
+  top, left, h, w = (boxes[..., i] for i in range(4))
+  rows = resize_weights(top, h, image.shape[1], size)  # (B, N, size, H0)
+  cols = resize_weights(left, w, image.shape[2], size)  # (B, N, size, W0)
+  cols = jnp.where(flips[..., None, None], cols[..., ::-1, :], cols)
+  to_uint8_grid = lambda v: jnp.round(jnp.clip(v, 0, 255))  # as PIL after each pass
+  x = image.astype(jnp.float32)
+  rows_first = to_uint8_grid(jnp.einsum("bniwc,bnjw->bnijc", to_uint8_grid(
+      jnp.einsum("bnih,bhwc->bniwc", rows, x)), cols))
+  cols_first = to_uint8_grid(jnp.einsum("bnih,bnhjc->bnijc", rows, to_uint8_grid(
+      jnp.einsum("bhwc,bnjw->bnhjc", x, cols))))
+  # Pillow 13 runs the vertical pass first where h > size and 2 w < h + size (found by emulating
+  # both orders exactly against it for every h, w < 64 at sizes 8, 16, 32), else the horizontal.
+  rows_first_where = (h > size) & (2 * w < h + size)
+  return jnp.where(rows_first_where[..., None, None, None], rows_first, cols_first) / 255.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,6 +344,8 @@ def photometric(img: jax.Array, p: dict[str, jax.Array], blur_kernel: int) -> ja
 def device_augment(config: mlc.ConfigDict) -> Callable[[jax.Array, dict], dict]:
   """(rng, {'global': uint8 (B, G, H, W, 3), 'local': uint8 (B, L, h, w, 3)}) -> the same keys
   as float32 in [0, 1] after DINO's photometric ops; for train_step(augment=...), inside its jit.
+  A batch of MultiCrop(on_device=True) ({'image', 'global_boxes', 'global_flips', ...}) is
+  cropped here first (`device_crops`).
   """
   a = config.aug
   blur_g, blur_2, blur_l = a.blur_prob
@@ -289,6 +359,12 @@ def device_augment(config: mlc.ConfigDict) -> Callable[[jax.Array, dict], dict]:
   def augment(rng: jax.Array, batch: dict) -> dict:
     k_global, k_local = jax.random.split(rng)
     out = dict(batch)
+    if "image" in batch and "global_boxes" in batch:
+      image = out.pop("image")
+      for name, size in (("global", config.global_crops_size), ("local", config.local_crops_size)):
+        if f"{name}_boxes" in out:
+          out[name] = device_crops(image, out.pop(f"{name}_boxes"), out.pop(f"{name}_flips"), size)
+      batch = out
     out["global"] = crops(k_global, batch["global"], (blur_g, blur_2), (sol_g, sol_2))
     if "local" in batch:
       out["local"] = crops(k_local, batch["local"], blur_l, sol_l)

@@ -80,15 +80,18 @@ def get_config(arg: str | None = None):
   c.momentum_teacher = 0.99  # 0.996 -> 1 in a short run leaves the teacher nearly frozen
   # The last layer trains from the first step (the release freezes it for the first epoch, here
   # 250 of the 1500 steps). With the freeze the teacher's per-sample entropy jumps from ~1 to ~4
-  # nats (of ln 256 = 5.5) when the layer is released and stays there; without it the entropy
-  # ends at 2.5 and 20-NN rose to 43.0 / 47.3 % on seeds 0 / 2 from 38.2 / ~40 %, the best head
-  # 0.64 / 0.51 (single-threaded runs, benchmarks/RESULTS.md).
+  # nats (of ln 256 = 5.5) when the layer is released and stays there; without it, single-threaded
+  # seed-0 runs gave 20-NN 43.0 % instead of 38.2 % and the best head 0.64 instead of 0.57
+  # (benchmarks/RESULTS.md).
   c.freeze_last_layer = 0.0
-  # lr 0.008 x 32 / 256 = 1e-3 effective (release: 5e-4 at batch 256). Measured with the k-NN and
-  # attention curves (eval.every_steps): at 2e-3 the heads' attention narrows onto a few object
-  # patches as training goes on (best-head Jaccard 0.39 on seed 2); at 1e-3 it stays on the whole
-  # object (0.49 / 0.62 / 0.56 on seeds 0-2, single-threaded runs); at 4e-3 k-NN falls to chance.
-  c.lr = 0.008
+  # lr 0.006 x 32 / 256 = 7.5e-4 effective (release: 5e-4 at batch 256). Measured with the k-NN and
+  # attention curves (eval.every_steps): the faster the head learns, the more the heads' attention
+  # narrows onto a few object patches (their 60 %-mass masks then miss most of the object). With
+  # the last layer frozen for an epoch, 2e-3 did that (best head 0.39 on seed 2) and 1e-3 kept the
+  # heads on the objects; with it training from the start, 1e-3 narrowed them on the two-thread
+  # seed-0 run (best head 0.43 though 71 % of its attention was on the object) and 7.5e-4 did not
+  # (0.52, 20-NN 46.5 %). At 4e-3 k-NN falls to chance.
+  c.lr = 0.006
   c.warmup_epochs = 0.5  # 125 steps (release: 10 epochs)
 
   c.eval.after_training = True

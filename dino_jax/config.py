@@ -222,9 +222,6 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None) -> None:
     if config.batch_size % shards:
       fail("batch_size", f"not divisible by the {data * fsdp} batch shards"
            + (f" x {config.grad_accum_steps} micro-batches" if config.grad_accum_steps > 1 else ""))
-  if config.aug.crops_on_device and config.data.source != "shapes":
-    fail("aug.crops_on_device", f"needs images of one size: data.source 'shapes', not "
-         f"{config.data.source!r}")
   if config.data.source not in ("shapes", "folder", "tfds"):
     close = difflib.get_close_matches(config.data.source, ["shapes", "folder", "tfds"], 1)
     fail("data.source", "expected shapes, folder or tfds"

@@ -47,6 +47,10 @@ def _config(**overrides):
   return c
 
 
+def _image_of(h, w):
+  return (np.random.default_rng(0).random((h, w, 3)) * 255).astype(np.uint8)
+
+
 def _take(it, n):
   return [next(it) for _ in range(n)]
 
@@ -74,7 +78,7 @@ def test_batches_have_the_train_step_format():
   assert set(b) == {"global"}
 
 
-def test_crops_on_device_give_the_host_batches_once_augmented():
+def test_crops_on_device_give_the_host_batches_once_augmented(tmp_path):
   """aug.crops_on_device moves only the resampling: the device's crops of a batch are the host
   pipeline's (to PIL's rounding), and device_augment turns both into the same training crops."""
   host = next(iter(pipeline.train_dataset(_config(), process_index=0, process_count=1)))
@@ -92,9 +96,11 @@ def test_crops_on_device_give_the_host_batches_once_augmented():
   for k in a:
     assert a[k].shape == b[k].shape
     assert np.abs(np.asarray(a[k]) - np.asarray(b[k])).mean() < 1e-3, k
+  Image.fromarray(_image_of(40, 30)).save(tmp_path / "a.png")  # a folder: images of any size
   with pytest.raises(ValueError, match="crops_on_device.*'folder'"):
-    config_lib.validate(_config(**{"aug.crops_on_device": True, "data.source": "folder",
-                                   "model.patch_size": 8}))
+    pipeline.validate(_config(**{"aug.crops_on_device": True, "data.source": "folder",
+                                 "data.path": str(tmp_path), "batch_size": 1,
+                                 "eval.after_training": False}))
 
 
 def test_same_seed_same_batches_other_seed_other_batches():

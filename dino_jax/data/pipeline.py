@@ -95,8 +95,12 @@ def num_examples(config: mlc.ConfigDict, split: str) -> int:
 def validate(config: mlc.ConfigDict) -> None:
   """Raises, naming the path / name / count, for data that training (and the evaluations it is
   configured to run) cannot use: unknown source, missing or empty folder, unprepared TFDS
-  dataset, fewer training images than one global batch."""
+  dataset, crops on the device for images of many sizes, fewer training images than one global
+  batch."""
   source = make_source(config, config.data.train_split)
+  if config.aug.crops_on_device and config.data.source != "shapes":
+    raise ValueError(f"config.aug.crops_on_device=True needs images of one size (data.source "
+                     f"'shapes'), not data.source={config.data.source!r}")
   if len(source) < config.batch_size:
     raise ValueError(f"{source!r}: {len(source)} training images, fewer than one global batch "
                      f"(config.batch_size={config.batch_size})")

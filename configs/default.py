@@ -17,7 +17,7 @@ def get_config(arg: str | None = None):
   c.data.workers = 0  # 2 CPU cores: the step needs both; crops are cheap at 32 px
   # The crops resampled inside the step (the host draws the boxes and flips): host CPU 9 ms a batch
   # instead of 27-40 ms, the device's augmentation 11.5 ms instead of 6 (of a ~280 ms step;
-  # benchmarks/input_pipeline.py). The same crops to PIL's rounding (within a level of 255).
+  # benchmarks/input_pipeline.py). The same crops to PIL's rounding (within two levels of 255).
   c.aug.crops_on_device = True
   # Departure from the data (either gray level on the object): the object is always the
   # lighter one. With random polarity the [CLS] feature encodes polarity and gray level (20-NN of

@@ -47,10 +47,6 @@ def _config(**overrides):
   return c
 
 
-def _image_of(h, w):
-  return (np.random.default_rng(0).random((h, w, 3)) * 255).astype(np.uint8)
-
-
 def _take(it, n):
   return [next(it) for _ in range(n)]
 
@@ -96,7 +92,7 @@ def test_crops_on_device_give_the_host_batches_once_augmented(tmp_path):
   for k in a:
     assert a[k].shape == b[k].shape
     assert np.abs(np.asarray(a[k]) - np.asarray(b[k])).mean() < 1e-3, k
-  Image.fromarray(_image_of(40, 30)).save(tmp_path / "a.png")  # a folder: images of any size
+  Image.fromarray(np.zeros((40, 30, 3), np.uint8)).save(tmp_path / "a.png")  # any sizes
   with pytest.raises(ValueError, match="crops_on_device.*'folder'"):
     pipeline.validate(_config(**{"aug.crops_on_device": True, "data.source": "folder",
                                  "data.path": str(tmp_path), "batch_size": 1,

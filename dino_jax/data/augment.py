@@ -113,24 +113,19 @@ class MultiCrop(grain.transforms.RandomMap):
     image = element["image"]
     height, width = image.shape[:2]
     img = None if self.on_device else Image.fromarray(image)
-
-    def crops(n, size, scale):
+    out = {"image": image} if self.on_device else {}
+    for name, n, size, scale in (("global", 2, self.global_size, self.global_scale),
+                                 ("local", self.local_number, self.local_size, self.local_scale)):
+      if not n:
+        continue
       draws = [(random_resized_crop_box(rng, width, height, scale), rng.random() < self.flip_prob)
                for _ in range(n)]
       if self.on_device:
-        return {"boxes": np.array([b for b, _ in draws], np.int32),
-                "flips": np.array([f for _, f in draws])}
-      out = [resized_crop(img, box, size) for box, _ in draws]
-      return np.stack([o[:, ::-1] if flip else o for o, (_, flip) in zip(out, draws)])
-
-    groups = {"global": crops(2, self.global_size, self.global_scale)}
-    if self.local_number:
-      groups["local"] = crops(self.local_number, self.local_size, self.local_scale)
-    if not self.on_device:
-      return groups
-    out = {"image": image}
-    for name, g in groups.items():
-      out[f"{name}_boxes"], out[f"{name}_flips"] = g["boxes"], g["flips"]
+        out[f"{name}_boxes"] = np.array([box for box, _ in draws], np.int32)
+        out[f"{name}_flips"] = np.array([flip for _, flip in draws])
+      else:
+        crops = [resized_crop(img, box, size) for box, _ in draws]
+        out[name] = np.stack([c[:, ::-1] if flip else c for c, (_, flip) in zip(crops, draws)])
     return out
 
 
@@ -181,8 +176,10 @@ def device_crops(image: jax.Array, boxes: jax.Array, flips: jax.Array, size: int
   (B, N, 4) (top, left, h, w), flips bool (B, N) -> float32 (B, N, size, size, 3) in [0, 1] on
   the 1/255 grid of the host's uint8 crops.
 
-  Departure (not in the release): PIL rounds to uint8 between its horizontal and vertical pass;
-  here only the result is rounded (measured against resized_crop: within one level of 255).
+  Rounded to uint8 levels after each pass, in Pillow's order of the passes; the coefficients are
+  float where Pillow's are 22-bit fixed point (tests: within two levels of 255 of resized_crop,
+  under 0.5 % of pixels off). Both orders are computed for every crop and one is kept: at these
+  sizes cheaper than gathering the crops by order.
   """
   top, left, h, w = (boxes[..., i] for i in range(4))
   rows = resize_weights(top, h, image.shape[1], size)  # (B, N, size, H0)
@@ -358,13 +355,14 @@ def device_augment(config: mlc.ConfigDict) -> Callable[[jax.Array, dict], dict]:
 
   def augment(rng: jax.Array, batch: dict) -> dict:
     k_global, k_local = jax.random.split(rng)
-    out = dict(batch)
-    if "image" in batch and "global_boxes" in batch:
-      image = out.pop("image")
+    batch = dict(batch)
+    if "global_boxes" in batch:  # MultiCrop(on_device=True): crop first
+      image = batch.pop("image")
       for name, size in (("global", config.global_crops_size), ("local", config.local_crops_size)):
-        if f"{name}_boxes" in out:
-          out[name] = device_crops(image, out.pop(f"{name}_boxes"), out.pop(f"{name}_flips"), size)
-      batch = out
+        if f"{name}_boxes" in batch:
+          batch[name] = device_crops(image, batch.pop(f"{name}_boxes"),
+                                     batch.pop(f"{name}_flips"), size)
+    out = dict(batch)
     out["global"] = crops(k_global, batch["global"], (blur_g, blur_2), (sol_g, sol_2))
     if "local" in batch:
       out["local"] = crops(k_local, batch["local"], blur_l, sol_l)

@@ -1,10 +1,12 @@
 """The main job's ViT trained *with labels* for the same wall time: the ceiling for k-NN on the
 embedded data, and the proof that the data is learnable.
 
-  python benchmarks/learnability.py --seconds 480 [--config configs/default.py] [--seed 0]
+  python benchmarks/learnability.py --seconds 480 [--steps N] [--config configs/default.py]
 
-Training stops after --seconds or the config's total_steps, whichever comes first (--config: a
-config file, read by dino_jax.config.from_file).
+Training stops after --seconds or --steps (default: the config's total_steps; also the length of
+the lr schedule), whichever comes first (--config: a config file, read by
+dino_jax.config.from_file). A supervised step costs a fraction of a DINO step (one crop, no
+teacher), so matching the main job's wall time takes more steps than its total_steps.
 
 Same backbone, same host crops and on-device photometric augmentation (first global crop only),
 a linear classifier on the final-LN [CLS] trained with cross-entropy by AdamW (the config's lr
@@ -49,6 +51,8 @@ def main():
   parser.add_argument("--seconds", type=float, default=480.0, help="training wall time")
   parser.add_argument("--config", default=os.path.join(REPO, "configs", "default.py"))
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--steps", type=int, default=0, help="planned steps (default: the config's "
+                      "total_steps)")
   args = parser.parse_args()
   config = config_lib.from_file(args.config)
   config.seed = args.seed
@@ -65,7 +69,7 @@ def main():
   model = Supervised(student.backbone, source.num_classes)
   g = config.global_crops_size
   params = model.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, g, g, 3)))["params"]
-  planned = int(config.total_steps)  # the lr schedule's length; training stops at --seconds
+  planned = args.steps or int(config.total_steps)  # the lr schedule's length
   lr = schedules.warmup_cosine(config.lr * config.batch_size / 256, config.min_lr, planned,
                                int(config.warmup_epochs * len(source) // config.batch_size))
   tx = optax.adamw(lr, weight_decay=0.05)

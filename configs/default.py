@@ -31,8 +31,9 @@ def get_config(arg: str | None = None):
   # chance); with narrow ones 20-NN rose to 38.8 / 30.8 / 41.5 % (single-threaded runs, lr 1e-3).
   c.data.shapes_fg_range = (0.65, 0.85)
   c.data.shapes_bg_range = (0.15, 0.35)
-  # Batch 32 for 1200 steps of the 3-block ViT below with 8 local crops: about 7.5 minutes of
-  # training and evaluation on this 2-core CPU (about 0.33 s a step; batch 64 is about twice that).
+  # Batch 32 for 1200 steps of the 3-block ViT below with 8 local crops: 6.5-8 minutes of training
+  # and evaluation on this 2-core CPU (390-480 s over seeds 0-2; about 0.3 s a step; batch 64 is
+  # about twice that).
   c.batch_size = 32
   c.total_steps = 1200
   c.log_every_steps = 100
@@ -84,8 +85,8 @@ def get_config(arg: str | None = None):
   c.warmup_teacher_temp = 0.02
   c.momentum_teacher = 0.99  # 0.996 -> 1 in a short run leaves the teacher nearly frozen
   # The last layer trains from the first step (the release freezes it for the first epoch, here
-  # 250 steps). With the freeze the teacher's per-sample entropy jumps from ~1 to ~4
-  # nats (of ln 256 = 5.5) when the layer is released and stays there; without it, single-threaded
+  # 250 steps). With the freeze the teacher's per-sample entropy jumps from ~1 to ~4 nats (of
+  # ln 256 = 5.5) when the layer is released and stays there; without it, single-threaded
   # seed-0 runs gave 20-NN 43.0 % instead of 38.2 % and the best head 0.64 instead of 0.57
   # (benchmarks/RESULTS.md).
   c.freeze_last_layer = 0.0

@@ -362,10 +362,9 @@ def device_augment(config: mlc.ConfigDict) -> Callable[[jax.Array, dict], dict]:
         if f"{name}_boxes" in batch:
           batch[name] = device_crops(image, batch.pop(f"{name}_boxes"),
                                      batch.pop(f"{name}_flips"), size)
-    out = dict(batch)
-    out["global"] = crops(k_global, batch["global"], (blur_g, blur_2), (sol_g, sol_2))
+    batch["global"] = crops(k_global, batch["global"], (blur_g, blur_2), (sol_g, sol_2))
     if "local" in batch:
-      out["local"] = crops(k_local, batch["local"], blur_l, sol_l)
-    return out
+      batch["local"] = crops(k_local, batch["local"], blur_l, sol_l)
+    return batch
 
   return augment

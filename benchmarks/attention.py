@@ -4,7 +4,9 @@
 
 Times dino_jax.models.vit.Attention (qkv projection, attention, output projection) for each
 implementation this platform runs (model.attention: matmul, xla; cudnn on NVIDIA GPUs in bf16/fp16)
-at T = 197 tokens (a 224 px crop at patch 16) and T = 37 (a 96 px crop), B crops of each.
+at T = 197 tokens (a 224 px crop at patch 16) and T = 37 (a 96 px crop), B crops of each, the
+implementations called in turn. The main job's sizes: --batch 64 --dim 64 --heads 8 --tokens 65
+--tokens 17.
 Prints a table and, as its last line, one JSON object {impl: {T: ms}}.
 """
 import json
@@ -25,8 +27,8 @@ _TOKENS = flags.DEFINE_multi_integer("tokens", [197, 37], "Sequence lengths.")
 _REPEATS = flags.DEFINE_integer("repeats", 20, "Timed calls after 2 warm-up calls (median).")
 
 
-def time_fwd_bwd(impl: str, tokens: int, dtype) -> float:
-  """Median ms of value_and_grad (w.r.t. params and input) of one Attention layer."""
+def fwd_bwd_step(impl: str, tokens: int, dtype):
+  """A jitted value_and_grad (w.r.t. params and input) of one Attention layer, and its inputs."""
   layer = Attention(_HEADS.value, dtype=dtype, impl=impl)
   x = jax.random.normal(jax.random.PRNGKey(0), (_BATCH.value, tokens, _DIM.value), dtype)
   params = layer.init(jax.random.PRNGKey(1), x)
@@ -34,12 +36,19 @@ def time_fwd_bwd(impl: str, tokens: int, dtype) -> float:
   step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
   jax.block_until_ready(step(params, x))
   jax.block_until_ready(step(params, x))
-  times = []
+  return step, (params, x)
+
+
+def time_interleaved(steps: dict) -> dict:
+  """Median ms of each step, the steps called in turn (a machine whose speed drifts over minutes
+  then drifts alike for all of them)."""
+  times = {name: [] for name in steps}
   for _ in range(_REPEATS.value):
-    t = time.perf_counter()
-    jax.block_until_ready(step(params, x))
-    times.append(time.perf_counter() - t)
-  return float(np.median(times)) * 1e3
+    for name, (step, args) in steps.items():
+      t = time.perf_counter()
+      jax.block_until_ready(step(*args))
+      times[name].append(time.perf_counter() - t)
+  return {name: float(np.median(ts)) * 1e3 for name, ts in times.items()}
 
 
 def main(argv):
@@ -49,15 +58,17 @@ def main(argv):
   impls = ["matmul", "xla"]
   if platform == "gpu" and dtype != jnp.float32:
     impls.append("cudnn")
-  results = {}
-  for impl in impls:
-    results[impl] = {}
-    for t in _TOKENS.value:
+  results = {impl: {} for impl in impls}
+  for t in _TOKENS.value:
+    steps = {}
+    for impl in impls:
       try:
-        results[impl][t] = round(time_fwd_bwd(impl, t, dtype), 3)
+        steps[impl] = fwd_bwd_step(impl, t, dtype)
       except Exception as e:  # pylint: disable=broad-except
         results[impl][t] = None  # e.g. cudnn rejecting a shape
         print(f"{impl} at T={t}: {type(e).__name__}: {str(e)[:200]}")
+    for impl, ms in time_interleaved(steps).items():
+      results[impl][t] = round(ms, 3)
   print(f"{jax.devices()[0].device_kind}, {dtype.name}, batch {_BATCH.value}, width {_DIM.value}, "
         f"{_HEADS.value} heads: ms per forward + backward")
   print(f"{'impl':8s}" + "".join(f"{f'T={t}':>12s}" for t in _TOKENS.value))

@@ -31,9 +31,10 @@ def get_config(arg: str | None = None):
   # chance); with narrow ones 20-NN rose to 38.8 / 30.8 / 41.5 % (single-threaded runs, lr 1e-3).
   c.data.shapes_fg_range = (0.65, 0.85)
   c.data.shapes_bg_range = (0.15, 0.35)
-  # Batch 32 for 1200 steps of the 3-block ViT below with 8 local crops: 6.5-8 minutes of training
-  # and evaluation on this 2-core CPU (390-480 s over seeds 0-2; about 0.3 s a step; batch 64 is
-  # about twice that).
+  # Batch 32 for 1200 steps of the 3-block ViT below with 8 local crops: 6.5-10 minutes of training
+  # and evaluation on this 2-core CPU, whose speed drifts (390-480 s over seeds 0-2 one morning,
+  # 567-579 s one afternoon; 0.3-0.42 s a step; batch 64 is about twice that). 1300 steps (the
+  # faster attention form's gain spent on steps) took seed 0's best head below 0.45 (0.410).
   c.batch_size = 32
   c.total_steps = 1200
   c.log_every_steps = 100
@@ -79,6 +80,12 @@ def get_config(arg: str | None = None):
   # BN in the head (a release option, off for ViT there): without it the run collapses to the
   # uniform distribution within 150 steps (measured: teacher entropy ~ ln K, k-NN = random init).
   c.model.use_bn_in_head = True
+  # Attention by jax.nn.dot_product_attention, not the written-out matmul form (the default for
+  # ViT-S's width-64 heads, where it is faster): with heads of width 8 it is the faster one on
+  # XLA:CPU, the step 8-10 % faster (interleaved in one process; benchmarks/attention.py and
+  # RESULTS.md). Same numbers up to rounding: seed 0 gave 20-NN 56.3 % and best head 0.493 against
+  # 56.2 % and 0.488 with the matmul form.
+  c.model.attention = "xla"
 
   # Sharper teacher: 0.02 (release 0.04) gave 43% vs 34% 20-NN at 800 steps (measured).
   c.teacher_temp = 0.02

@@ -9,8 +9,8 @@ implementations called in turn. The main job's sizes: --batch 64 --dim 64 --head
 --tokens 17.
 Prints a table and, as its last line, one JSON object {impl: {T: ms}}.
 """
+import functools
 import json
-import time
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +18,7 @@ import numpy as np
 from absl import app, flags
 
 from dino_jax.models.vit import Attention
+from timing import time_interleaved
 
 _BATCH = flags.DEFINE_integer("batch", 64, "Crops per call.")
 _DIM = flags.DEFINE_integer("dim", 384, "Width (ViT-S: 384).")
@@ -39,18 +40,6 @@ def fwd_bwd_step(impl: str, tokens: int, dtype):
   return step, (params, x)
 
 
-def time_interleaved(steps: dict) -> dict:
-  """Median ms of each step, the steps called in turn (a machine whose speed drifts over minutes
-  then drifts alike for all of them)."""
-  times = {name: [] for name in steps}
-  for _ in range(_REPEATS.value):
-    for name, (step, args) in steps.items():
-      t = time.perf_counter()
-      jax.block_until_ready(step(*args))
-      times[name].append(time.perf_counter() - t)
-  return {name: float(np.median(ts)) * 1e3 for name, ts in times.items()}
-
-
 def main(argv):
   del argv
   platform = jax.devices()[0].platform
@@ -67,8 +56,9 @@ def main(argv):
       except Exception as e:  # pylint: disable=broad-except
         results[impl][t] = None  # e.g. cudnn rejecting a shape
         print(f"{impl} at T={t}: {type(e).__name__}: {str(e)[:200]}")
-    for impl, ms in time_interleaved(steps).items():
-      results[impl][t] = round(ms, 3)
+    calls = {impl: functools.partial(step, *args) for impl, (step, args) in steps.items()}
+    for impl, ts in time_interleaved(calls, _REPEATS.value).items():
+      results[impl][t] = round(float(np.median(ts)) * 1e3, 3)
   print(f"{jax.devices()[0].device_kind}, {dtype.name}, batch {_BATCH.value}, width {_DIM.value}, "
         f"{_HEADS.value} heads: ms per forward + backward")
   print(f"{'impl':8s}" + "".join(f"{f'T={t}':>12s}" for t in _TOKENS.value))

@@ -7,15 +7,27 @@ Prints a table and, as its last line, one JSON object: images_per_sec, step_ms (
 warm-up), compile_s, flops_per_image (XLA cost analysis of the whole step), mfu (against --peak_tflops
 when given), peak memory (device memory stats on GPU/TPU; process RSS on CPU) and the compiled
 step's temporary buffers (XLA memory analysis: activations kept for the backward pass and scratch).
+
+With --ab, each --ab override set is a variant timed against the config in the same process, the
+variants' steps called in turn (a machine whose speed drifts then drifts alike for each):
+
+  python benchmarks/train_step.py --config configs/default.py --noaugment --steps 20 \
+      --ab 'model.attention=matmul' --ab 'model.num_heads=16'
+
+prints each variant's step ms, images/s and ratio to the config, and last one JSON object
+{"images_per_sec": the config's, "variants": [one object as above for each]}.
 """
 import collections
+import copy
 import functools
 import glob
 import gzip
 import json
 import os
 import resource
+import shlex
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,14 +35,20 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from dino_jax import config as config_lib
 from dino_jax import sharding as sharding_lib
 from dino_jax import train
+from timing import time_interleaved
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/default.py", "Training config.",
                                           lock_config=True)
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps after 2 warm-up steps.")
 _PEAK = flags.DEFINE_float("peak_tflops", 0.0, "Peak dense TFLOP/s of the device, for MFU.")
 _AUGMENT = flags.DEFINE_bool("augment", True, "Include the on-device photometric augmentation.")
+_AB = flags.DEFINE_multi_string(
+    "ab", [], "Another variant to time against the config, in the same process: overrides as "
+    "'KEY=VALUE KEY=VALUE' (e.g. --ab 'model.attention=matmul'). Repeatable. The variants' steps "
+    "are called in turn, so that this VM's drift in speed falls alike on each.")
 _PROFILE = flags.DEFINE_string("profile_dir", "", "Also trace 3 steps with jax.profiler into this "
                                "folder (TensorBoard / Perfetto) and print the ops taking most time.")
 
@@ -52,9 +70,10 @@ def print_top_ops(trace_dir: str, steps: int, top: int = 25) -> None:
     print(f"  {ms:8.2f} ms  {100 * ms / all_ms:5.1f} %  {name}")
 
 
-def main(argv):
-  del argv
-  config = _CONFIG.value
+def compile_step(config) -> tuple[Callable[[], dict], dict]:
+  """The config's jitted DINO step compiled for a fixed random uint8 batch: a call that runs one
+  step (the state donated and replaced in place) and returns its metrics, and XLA's figures for
+  the compiled step (compile_s, flops, temp_bytes)."""
   mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
   batch_sh = sharding_lib.batch_sharding(mesh)
   student, teacher, tx, schedules, init = train.make_training(config, 100, 10000)
@@ -85,24 +104,38 @@ def main(argv):
   compile_s = time.perf_counter() - t
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", 0.0)) if cost else 0.0
   mem = compiled.memory_analysis()  # XLA's buffer assignment: the step's temporaries
-  temp_bytes = getattr(mem, "temp_size_in_bytes", float("nan")) if mem is not None else float("nan")
+  xla = {"compile_s": compile_s, "flops": float(cost.get("flops", 0.0)) if cost else 0.0,
+         "temp_bytes": getattr(mem, "temp_size_in_bytes", float("nan")) if mem else float("nan")}
+  holder = {"state": state}
 
-  for _ in range(2):
-    state, metrics = compiled(state, batch, key)
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(_STEPS.value):
-    t = time.perf_counter()
-    state, metrics = compiled(state, batch, key)
+  def run() -> dict:
+    holder["state"], metrics = compiled(holder["state"], batch, key)
+    return metrics
+
+  return run, xla
+
+
+def main(argv):
+  del argv
+  variants = {"config": _CONFIG.value}
+  for item in _AB.value:  # each --ab: the config with these overrides more, before any compile
+    variants[item] = config_lib.apply_overrides(copy.deepcopy(_CONFIG.value), shlex.split(item),
+                                                where=f"--ab {item!r}")
+  for config in variants.values():
+    config_lib.validate(config, jax.device_count())
+  runs, xla = {}, {}
+  for name, config in variants.items():
+    runs[name], xla[name] = compile_step(config)
+    for _ in range(2):  # warm-up
+      metrics = runs[name]()
     jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t)
-  step_s = float(np.median(times))
+  times = time_interleaved(runs, _STEPS.value)
+  first = next(iter(variants))
   if _PROFILE.value:
     with jax.profiler.trace(_PROFILE.value, create_perfetto_trace=True):
       for _ in range(3):
-        state, metrics = compiled(state, batch, key)
+        metrics = runs[first]()
       jax.block_until_ready(metrics)
     print_top_ops(_PROFILE.value, steps=3)
 
@@ -110,22 +143,39 @@ def main(argv):
   stats = dev.memory_stats() if dev.platform != "cpu" else None
   peak_bytes = (stats or {}).get("peak_bytes_in_use",
                                  resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-  result = {
-      "device": dev.device_kind, "devices": jax.device_count(), "arch": config.model.arch,
-      "patch_size": config.model.patch_size, "dtype": config.model.dtype, "batch_size": b,
-      "crops": f"2x{g}+{config.local_crops_number}x{l}", "out_dim": config.out_dim,
-      "step_ms": 1e3 * step_s, "images_per_sec": b / step_s, "compile_s": compile_s,
-      "flops_per_image": flops / b,
-      "tflops_per_sec": flops / step_s / 1e12,
-      "mfu": (flops / step_s / 1e12 / (_PEAK.value * jax.device_count())) if _PEAK.value else None,
-      "peak_memory_gb": peak_bytes / 2**30,
-      "memory": "device peak" if stats else "process max RSS",
-      "temp_memory_gb": temp_bytes / 2**30,
-      "loss_finite": bool(jnp.isfinite(metrics["loss"])),
-  }
-  for k, v in result.items():
-    print(f"{k:>16}: {v:.4g}" if isinstance(v, float) else f"{k:>16}: {v}")
-  print(json.dumps(result))
+  results = []
+  for name, config in variants.items():
+    step_s = float(np.median(times[name]))
+    b, flops = config.batch_size, xla[name]["flops"]
+    results.append({
+        "variant": name, "device": dev.device_kind, "devices": jax.device_count(),
+        "arch": config.model.arch, "patch_size": config.model.patch_size,
+        "dtype": config.model.dtype, "batch_size": b,
+        "crops": f"2x{config.global_crops_size}+{config.local_crops_number}x"
+                 f"{config.local_crops_size}", "out_dim": config.out_dim,
+        "step_ms": 1e3 * step_s, "images_per_sec": b / step_s,
+        "compile_s": xla[name]["compile_s"], "flops_per_image": flops / b,
+        "tflops_per_sec": flops / step_s / 1e12,
+        "mfu": (flops / step_s / 1e12 / (_PEAK.value * jax.device_count())) if _PEAK.value
+               else None,
+        "peak_memory_gb": peak_bytes / 2**30,  # of the process: all variants together
+        "memory": "device peak" if stats else "process max RSS",
+        "temp_memory_gb": xla[name]["temp_bytes"] / 2**30,
+        "loss_finite": bool(jnp.isfinite(runs[name]()["loss"])),
+    })
+  if len(results) == 1:
+    for k, v in results[0].items():
+      print(f"{k:>16}: {v:.4g}" if isinstance(v, float) else f"{k:>16}: {v}")
+    print(json.dumps(results[0]))
+    return
+  base = results[0]["step_ms"]
+  print(f"{dev.device_kind}: {_STEPS.value} steps of each variant, called in turn (median)")
+  print(f"{'step ms':>9} {'img/s':>8} {'vs config':>9} {'compile s':>9}  variant")
+  for r in results:
+    r["ratio_to_config"] = r["step_ms"] / base
+    print(f"{r['step_ms']:9.1f} {r['images_per_sec']:8.1f} {r['ratio_to_config']:9.3f} "
+          f"{r['compile_s']:9.1f}  {r['variant']}")
+  print(json.dumps({"images_per_sec": results[0]["images_per_sec"], "variants": results}))
 
 
 if __name__ == "__main__":

@@ -235,16 +235,25 @@ def config_value(config: mlc.ConfigDict, dotted: str):
 
 
 def from_file(path: str, overrides: Sequence[str] = ()) -> mlc.ConfigDict:
-  """get_config() of a config file (configs/default.py, ...) with "KEY.SUB=VALUE" overrides (a
-  leading "--config." is allowed; values are Python literals, true / false as absl writes them,
-  else strings): what the trainer gets from `--config PATH --config.KEY.SUB=VALUE`, for notebooks
-  and scripts. An unknown key raises KeyError naming it and the closest existing key."""
+  """get_config() of a config file (configs/default.py, ...) with "KEY.SUB=VALUE" overrides (see
+  apply_overrides): what the trainer gets from `--config PATH --config.KEY.SUB=VALUE`, for
+  notebooks and scripts."""
   if not os.path.isfile(path):
     raise FileNotFoundError(f"config file {path} not found")
   spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
+  apply_overrides(config, overrides, where=path)
+  return config
+
+
+def apply_overrides(config: mlc.ConfigDict, overrides: Sequence[str], where: str = "config"
+                    ) -> mlc.ConfigDict:
+  """Sets "KEY.SUB=VALUE" items in place (a leading "--config." is allowed; values are Python
+  literals, true / false as absl writes them, else strings) and returns config. An unknown key
+  raises KeyError naming `where`, the key and the closest existing key; a value of the wrong type
+  raises ml_collections' TypeError."""
   for item in overrides:
     key, sep, text = item.removeprefix("--config.").partition("=")
     if not sep:
@@ -254,7 +263,7 @@ def from_file(path: str, overrides: Sequence[str] = ()) -> mlc.ConfigDict:
     for i, name in enumerate(names):
       if name not in node:
         close = difflib.get_close_matches(name, list(node.keys()), 1)
-        raise KeyError(f"{path}: no key {'.'.join(names[:i + 1])!r}"
+        raise KeyError(f"{where}: no key {'.'.join(names[:i + 1])!r}"
                        + (f" (did you mean {close[0]!r}?)" if close else ""))
       if i < len(names) - 1:
         node = node[name]

@@ -125,6 +125,13 @@ class ShapesSource:
     if max(fg_range[1] - bg_range[0], bg_range[1] - fg_range[0]) < min_contrast:
       raise ValueError(f"shapes fg_range={fg_range}, bg_range={bg_range}: no pair of levels is "
                        f"min_contrast={min_contrast} apart")
+    if not 0 < area[0] <= area[1]:
+      raise ValueError(f"shapes area={tuple(area)}: need 0 < low <= high (fractions of the image)")
+    fits = min(max_area(name) for name in classes)
+    if area[1] > fits:
+      raise ValueError(f"shapes area={tuple(area)}: the largest area, {area[1]}, does not fit "
+                       f"{', '.join(c for c in classes if max_area(c) < area[1])} in the image at "
+                       f"every rotation; at most {fits:.3f} with these classes")
     self.size, self.split, self.seed, self.image_size = size, split, seed, image_size
     self.classes, self.area = tuple(classes), area
     self.min_contrast, self.noise, self.supersample = min_contrast, noise, supersample
@@ -196,6 +203,17 @@ class ShapesSource:
 
 
 _TEMPLATES = _shape_templates()
+
+
+@functools.cache
+def max_area(name: str) -> float:
+  """The largest area (a fraction of the image) at which shape `name` fits inside the image at
+  every rotation: 1 / (its widest extent over rotations, at unit area)^2."""
+  pts = _TEMPLATES[name][1]
+  angles = np.linspace(0, np.pi, 1441)  # extents repeat after half a turn
+  rot = np.stack([np.cos(angles), np.sin(angles)])  # (2, A): the x axis of each rotation
+  width = pts @ rot  # (P, A) and the y axis is the x axis a quarter turn on
+  return float(1 / np.max(width.max(0) - width.min(0)) ** 2)
 
 
 # ----------------------------------------------------------------------------------------------

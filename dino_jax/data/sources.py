@@ -208,12 +208,13 @@ _TEMPLATES = _shape_templates()
 @functools.cache
 def max_area(name: str) -> float:
   """The largest area (a fraction of the image) at which shape `name` fits inside the image at
-  every rotation: 1 / (its widest extent over rotations, at unit area)^2."""
+  every rotation: 1 / (its widest extent over rotations, at unit area)^2, the extent taken 1e-5
+  wider than at the sampled angles so that the angles between them fit too."""
   pts = _TEMPLATES[name][1]
   angles = np.linspace(0, np.pi, 1441)  # extents repeat after half a turn
   rot = np.stack([np.cos(angles), np.sin(angles)])  # (2, A): the x axis of each rotation
   width = pts @ rot  # (P, A) and the y axis is the x axis a quarter turn on
-  return float(1 / np.max(width.max(0) - width.min(0)) ** 2)
+  return float(1 / (np.max(width.max(0) - width.min(0)) * (1 + 1e-5)) ** 2)
 
 
 # ----------------------------------------------------------------------------------------------

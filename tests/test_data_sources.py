@@ -163,8 +163,9 @@ def test_shapes_area_limit_by_hand_and_refused_beyond():
   assert sources.max_area("disc") == pytest.approx(math.pi / 4, rel=1e-3)
   limit = sources.max_area("square")
   src = sources.ShapesSource(60, "train", classes=("square",), area=(limit, limit), noise=0.0)
-  for i in range(60):
-    assert src[i]["object_mask"].sum() > 0  # drawn: the centre's range was not empty
+  for i in range(60):  # drawn (the centre's range was not empty), and none of it cut off
+    p = src.params(i)
+    assert src.coverage(p).sum() == pytest.approx(p["area"], rel=0.01)
   with pytest.raises(ValueError, match=r"area=\(0.15, 0.45\).*triangle, star.*at most 0.429"):
     sources.ShapesSource(10, "train", area=(0.15, 0.45))
   with pytest.raises(ValueError, match="0 < low <= high"):

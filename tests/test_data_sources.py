@@ -154,7 +154,6 @@ def test_shapes_level_ranges():
     sources.ShapesSource(10, "train", fg_range=(0.4, 0.5), bg_range=(0.4, 0.5))
 
 
-
 def test_shapes_area_limit_by_hand_and_refused_beyond():
   """max_area: a unit-area square is widest along its diagonal (sqrt 2), so it fits at every
   rotation up to half the image; a disc (diameter 2 / sqrt(pi)) up to pi / 4. At the limit every
@@ -170,6 +169,7 @@ def test_shapes_area_limit_by_hand_and_refused_beyond():
     sources.ShapesSource(10, "train", area=(0.15, 0.45))
   with pytest.raises(ValueError, match="0 < low <= high"):
     sources.ShapesSource(10, "train", area=(0.3, 0.2))
+
 
 # ----------------------------------------------------------------------------------------------
 # Image folders.

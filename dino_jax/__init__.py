@@ -21,8 +21,8 @@ def _keep_freed_memory() -> bool:
   and faulted in again every step: vit_tiny/16 at batch 16 (3.9 GB of temporaries) takes 1.05M
   page faults a step. In a script running that step alone, never trimming (threshold -1) took
   that to 0 and the step from 6.9 s to 5.9 s, but the heap then grew by a block of temporaries at
-  a time (peak RSS 9-17 GB instead of 5.4), likely because a freed aligned block is too small for glibc to serve the next aligned
-  request of the same size from it (not checked). Not taken; benchmarks/RESULTS.md.
+  a time (peak RSS 9-17 GB instead of 5.4); why glibc did not reuse the freed blocks was not
+  checked. Not taken; benchmarks/RESULTS.md.
   """
   if not sys.platform.startswith("linux") or os.environ.get("DINO_JAX_MALLOC") == "default":
     return False

@@ -17,12 +17,12 @@ def _keep_freed_memory() -> bool:
   so it is done once, at import, before jax starts its threads; DINO_JAX_MALLOC=default skips it.
   Returns whether it was applied.
 
-  The trim threshold is an int (at most 2 GiB), so temporaries above that are still given back
-  and faulted in again every step: vit_tiny/16 at batch 16 (3.9 GB of temporaries) takes 1.05M
-  page faults a step. In a script running that step alone, never trimming (threshold -1) took
-  that to 0 and the step from 6.9 s to 5.9 s, but the heap then grew by a block of temporaries at
-  a time (peak RSS 9-17 GB instead of 5.4); why glibc did not reuse the freed blocks was not
-  checked. Not taken; benchmarks/RESULTS.md.
+  The heap is never trimmed (threshold -1). With the largest threshold mallopt takes (2 GiB),
+  temporaries above that were still given back and faulted in again every step: vit_tiny/16 at
+  batch 16 (3.9 GB of temporaries) took 1.0M page faults and 5.1-8.4 s a step, against none and
+  4.0-4.3 s never trimming. The price: a process keeps its high-water mark. Dispatched four
+  at a time, as the trainer runs them, that step peaked at 13.3 GB either way (5.5 GB waiting
+  for each), so keeping the mark costs no more peak memory there. benchmarks/RESULTS.md.
   """
   if not sys.platform.startswith("linux") or os.environ.get("DINO_JAX_MALLOC") == "default":
     return False
@@ -32,7 +32,7 @@ def _keep_freed_memory() -> bool:
     return False
   m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
   return all(libc.mallopt(option, value) == 1 for option, value in (
-      (m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2**31 - 1)))
+      (m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, -1)))
 
 
 MALLOC_TUNED = _keep_freed_memory()

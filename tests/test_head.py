@@ -161,3 +161,29 @@ def test_output_is_unit_norm_direction_times_g():
   assert out.shape == (20, 50) and np.abs(out).max() <= 1 + 1e-6
   params["last_layer"]["kernel_v"] = params["last_layer"]["kernel_v"] * 7.0  # scale-free in V
   np.testing.assert_allclose(head.apply({"params": params}, x), out, rtol=1e-5, atol=1e-7)
+
+
+def test_gradients_match_the_release_head():
+  # The last layer computes (x V) * g / ||V|| rather than x W: the gradients with respect to the
+  # input, V, g and the MLP must still be torch's through weight_norm.
+  x = _inputs()
+  head = DINOHead(40, norm_last_layer=False, nlayers=3, hidden_dim=32, bottleneck_dim=16)
+  params = random_variables(head, x, 3)["params"]
+  g = np.random.default_rng(9).uniform(0.5, 2.0, (1, 40))
+  params["last_layer"]["kernel_g"] = jnp.asarray(g, jnp.float32)
+  cot = np.random.default_rng(4).normal(size=(6, 40)).astype(np.float32)
+  ref = release.DINOHead(24, 40, False, False, 3, 32, 16)
+  ref.load_state_dict(to_state_dict(params), strict=True)
+  xt = torch.from_numpy(x).requires_grad_()
+  (ref(xt) * torch.from_numpy(cot)).sum().backward()
+
+  def loss(params, x):
+    return jnp.sum(head.apply({"params": params}, x) * cot)
+
+  dparams, dx = jax.grad(loss, argnums=(0, 1))(params, x)
+  np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-4, atol=1e-6)
+  want = {k: p.grad.numpy() for k, p in ref.named_parameters()}
+  got = to_state_dict(dparams)
+  assert set(got) == set(want)
+  for k in want:
+    np.testing.assert_allclose(got[k].numpy(), want[k], rtol=1e-4, atol=1e-6, err_msg=k)

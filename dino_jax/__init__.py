@@ -19,8 +19,8 @@ def _keep_freed_memory() -> bool:
 
   The heap is never trimmed (threshold -1). With the largest threshold mallopt takes (2 GiB),
   temporaries above that were still given back and faulted in again every step: vit_tiny/16 at
-  batch 16 (3.9 GB of temporaries) took 1.0M page faults and 5.1-8.4 s a step, against none and
-  4.0-4.3 s never trimming. The price: a process keeps its high-water mark. Dispatched four
+  batch 16 (3.9 GB of temporaries) took 1.0M page faults and 5.1-7.6 s a step, against none and
+  4.0-4.2 s never trimming. The price: a process keeps its high-water mark. Dispatched four
   at a time, as the trainer runs them, that step peaked at 13.3 GB either way (5.5 GB waiting
   for each), so keeping the mark costs no more peak memory there. benchmarks/RESULTS.md.
   """

@@ -187,3 +187,14 @@ def test_gradients_match_the_release_head():
   assert set(got) == set(want)
   for k in want:
     np.testing.assert_allclose(got[k].numpy(), want[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_bf16_compute_gives_float32_logits_close_to_float32():
+  x = _inputs(b=20)
+  head = DINOHead(50, hidden_dim=32, bottleneck_dim=16)
+  params = random_variables(head, x)["params"]
+  want = head.apply({"params": params}, x)
+  got = DINOHead(50, hidden_dim=32, bottleneck_dim=16, dtype=jnp.bfloat16).apply(
+      {"params": params}, x)
+  assert got.dtype == jnp.float32  # the column scale is applied in the params' float32
+  np.testing.assert_allclose(got, want, atol=0.03)  # logits in [-1, 1], bf16's 8-bit mantissa

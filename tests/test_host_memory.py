@@ -59,7 +59,7 @@ def test_large_temporaries_are_not_faulted_in_again_each_call():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
-def test_temporaries_above_2_gib_are_kept_too():
+def test_blocks_above_2_gib_are_kept_too():
   # A (65536, 8704) float32 array is 2.28 GB: above 2 GiB, the largest trim threshold mallopt
   # takes, so only never trimming keeps it (ViT-Tiny/16 at batch 16 has 3.9 GB of temporaries).
   pages = 65536 * 8704 * 4 // 4096

@@ -21,7 +21,9 @@ class WeightNormDense(nn.Module):
 
   `kernel_v` (in, K) and `kernel_g` (1, K) map 1:1 to the release's last_layer.weight_v (K, in)
   and weight_g (K, 1). Like the release, V keeps PyTorch's default Linear init (the release builds
-  this layer after applying its trunc-normal init to the MLP) and g starts at 1.
+  this layer after applying its trunc-normal init to the MLP) and g starts at 1. The matmul runs
+  in `dtype`; the column scale in `param_dtype`, so with float32 params the logits are float32
+  in bf16 compute too.
   """
   features: int
   dtype: Dtype = jnp.float32

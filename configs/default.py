@@ -32,14 +32,15 @@ def get_config(arg: str | None = None):
   # time (43 % at random init; benchmarks/factors.py). The crops' colour jitter still varies the
   # levels, per view. Seed 0's 20-NN / best head, the levels' ranges narrowed step by step:
   # object 0.65-0.85 and background 0.15-0.35: 54.2 % / 0.540; 0.7-0.8 and 0.2-0.3: 63.8 % /
-  # 0.439; fixed: 73.8 % / 0.526 (benchmarks/RESULTS.md, stop 21). Earlier, levels anywhere in
-  # 0-1 left the features encoding the levels and the object's size, not its shape (20-NN 23-30 %).
+  # 0.439; fixed: 73.8 % / 0.526 (benchmarks/RESULTS.md, stop 21; 74.3 % / 0.547 since the head's
+  # last layer was rewritten, stop 22). Earlier, levels anywhere in 0-1 left the features encoding
+  # the levels and the object's size, not its shape (20-NN 23-30 %).
   c.data.shapes_fg_range = (0.75, 0.75)
   c.data.shapes_bg_range = (0.25, 0.25)
   # Batch 32 for 1200 steps of the 3-block ViT below with 8 local crops: 5.5-10 minutes of training
   # and evaluation on this project's 2-core VM, whose speed drifts (AVX2 host: 390-480 s over seeds
   # 0-2 one morning, 567-579 s one afternoon, 0.3-0.42 s a step; AMD AVX-512 host: 320-330 s, 0.24
-  # s a step; Intel AVX-512 host: 349-402 s, 0.26-0.3 s a step; batch 64 is about twice that).
+  # s a step; Intel AVX-512 host: 349-433 s, 0.26-0.31 s a step; batch 64 is about twice that).
   # 1300 steps (the faster attention form's gain spent on steps) took seed 0's best head below
   # 0.45 (0.410), with the earlier gray levels.
   c.batch_size = 32

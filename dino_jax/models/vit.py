@@ -120,11 +120,13 @@ class Attention(nn.Module):
     dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
                               kernel_init=trunc_normal(), bias_init=nn.initializers.zeros)
     qkv = dense(3 * d, name="qkv")(x).reshape(b, t, 3, self.num_heads, d // self.num_heads)
+    # Split, not indexed: the gradient of a split is one concatenate, that of three indexings
+    # three zero-padded copies of qkv added together.
+    q, k, v = (y[:, :, 0] for y in jnp.split(qkv, 3, axis=2))  # each (B, T, heads, head_dim)
     if self.impl != "matmul" and not return_attention:
-      out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2],
-                                         implementation=self.impl)  # (B, T, heads, head_dim)
+      out = jax.nn.dot_product_attention(q, k, v, implementation=self.impl)  # (B, T, heads, hd)
       return dense(d, name="proj")(out.reshape(b, t, d))
-    q, k, v = jnp.moveaxis(qkv, (2, 3), (0, 2))  # each (B, heads, T, head_dim)
+    q, k, v = (jnp.swapaxes(y, 1, 2) for y in (q, k, v))  # each (B, heads, T, head_dim)
     # The release scales the logits, (q k^T) * s; scaling q is the same numbers when s is a power
     # of two (head_dim 16, 64: every standard size) and T / head_dim times less work (XLA CPU
     # also materialised s as a full (B, heads, T, T) array). Matmul form: faster than einsum on

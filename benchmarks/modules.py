@@ -1,0 +1,135 @@
+"""Where the step's time goes against PyTorch: forward + backward of each ViT module, both frameworks.
+
+  python benchmarks/modules.py [--arch vit_tiny] [--shape 32x197 --shape 128x37] [--repeats 15]
+
+Times dino_jax's Attention (qkv projection, attention, output projection), Mlp, Block and the
+whole backbone (the [CLS] feature of crops of 16 * sqrt(T - 1) px) against timm's modules of the
+same size (those benchmarks/torch_step.py builds its ViT from), and the attention core alone
+(softmax(q k^T / sqrt(d)) v, the matmul form against torch's fused scaled_dot_product_attention).
+A lone block's figure includes XLA's fusion choices for a graph that ends at the block (it
+recomputed the fc2 matmul inside the LayerNorm's gradient here); the backbone's is the step's. Each call is the gradient of sum(out * r) for a fixed random r,
+with respect to the parameters and (except for the backbone's images) the input; the two frameworks' calls alternate (timing.py).
+The default shapes are issue 9's CPU step: 2 x 16 global crops (197 tokens at patch 16, 224 px)
+and 8 x 16 local crops (37 tokens, 96 px). float32; PyTorch at its default thread count.
+
+Prints a table (ms per call and the ratio) and, as its last line, one JSON object
+{"results": [{"module", "shape", "jax_ms", "torch_ms", "ratio"}, ...]}.
+"""
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import torch.nn.functional as F
+from absl import app, flags
+from timm.models.vision_transformer import Attention as TorchAttention
+from timm.models.vision_transformer import Block as TorchBlock
+from timm.models.vision_transformer import Mlp as TorchMlp
+from timm.models.vision_transformer import VisionTransformer as TorchViT
+
+from dino_jax.models import vit
+from timing import time_interleaved
+
+_ARCH = flags.DEFINE_enum("arch", "vit_tiny", list(vit.SIZES), "Width and heads from this size.")
+_SHAPES = flags.DEFINE_multi_string("shape", ["32x197", "128x37"], "CROPSxTOKENS, repeatable.")
+_PATCH = flags.DEFINE_integer("patch", 16, "Patch size of the backbone.")
+_REPEATS = flags.DEFINE_integer("repeats", 15, "Timed calls of each after a warm-up (median).")
+
+
+def attention_core(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """(B, heads, T, hd) each -> (B, heads, T, hd): vit.Attention's matmul form without the dense."""
+  logits = jnp.matmul(q * q.shape[-1] ** -0.5, jnp.swapaxes(k, -1, -2))
+  return jnp.matmul(jax.nn.softmax(logits, axis=-1), v)
+
+
+def input_shape(module: str, crops: int, tokens: int, dim: int) -> tuple[int, ...]:
+  """(crops, tokens, dim) tokens; for the backbone (crops, S, S, 3) images of tokens - 1 patches."""
+  if module != "backbone":
+    return crops, tokens, dim
+  side = _PATCH.value * round((tokens - 1) ** 0.5)
+  return crops, side, side, 3
+
+
+def jax_call(module: str, crops: int, tokens: int, dim: int, heads: int):
+  """A jitted gradient call of the dino_jax module, with its arguments bound."""
+  key = jax.random.PRNGKey(0)
+  if module == "attention core":
+    args = [jax.random.normal(k, (crops, heads, tokens, dim // heads))
+            for k in jax.random.split(key, 3)]
+    r = jax.random.normal(jax.random.PRNGKey(1), args[0].shape)
+    grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attention_core(q, k, v) * r), (0, 1, 2)))
+    return functools.partial(grad, *args)
+  layer = {"attention": lambda: vit.Attention(heads), "mlp": lambda: vit.Mlp(4 * dim),
+           "block": lambda: vit.Block(heads),
+           "backbone": lambda: vit.VisionTransformer(_PATCH.value, **vit.SIZES[_ARCH.value])}[module]()
+  x = jax.random.normal(key, input_shape(module, crops, tokens, dim))
+  params = layer.init(jax.random.PRNGKey(1), x)
+  r = jax.random.normal(jax.random.PRNGKey(2), (crops, dim) if module == "backbone" else x.shape)
+  wrt = 0 if module == "backbone" else (0, 1)  # as in training: no gradient for the images
+  grad = jax.jit(jax.grad(lambda p, x: jnp.sum(layer.apply(p, x) * r), wrt))
+  return functools.partial(grad, params, x)
+
+
+def torch_call(module: str, crops: int, tokens: int, dim: int, heads: int):
+  """The same gradient in PyTorch with timm's module: a call that runs forward and backward."""
+  torch.manual_seed(0)
+  if module == "attention core":
+    args = [torch.randn(crops, heads, tokens, dim // heads, requires_grad=True) for _ in range(3)]
+    r = torch.randn(args[0].shape)
+    fn = lambda: F.scaled_dot_product_attention(*args)
+    params = args
+  else:
+    layer = {"attention": lambda: TorchAttention(dim, heads, qkv_bias=True),
+             "mlp": lambda: TorchMlp(dim, 4 * dim),
+             "block": lambda: TorchBlock(dim, heads, qkv_bias=True),
+             "backbone": lambda: TorchViT(
+                 img_size=224, patch_size=_PATCH.value, num_classes=0, global_pool="token",
+                 qkv_bias=True, dynamic_img_size=True, **vit.SIZES[_ARCH.value],
+                 norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6))}[module]()
+    shape = input_shape(module, crops, tokens, dim)
+    if module == "backbone":  # NCHW
+      shape = (crops, 3, shape[1], shape[2])
+    x = torch.randn(shape, requires_grad=module != "backbone")
+    r = torch.randn((crops, dim) if module == "backbone" else x.shape)
+    fn = lambda: layer(x)
+    params = [x] + list(layer.parameters())
+
+  def call():
+    for p in params:
+      p.grad = None
+    (fn() * r).sum().backward()
+
+  return call
+
+
+def main(argv):
+  del argv
+  size = vit.SIZES[_ARCH.value]
+  dim, heads = size["embed_dim"], size["num_heads"]
+  results = []
+  for shape in _SHAPES.value:
+    crops, tokens = (int(n) for n in shape.split("x"))
+    for module in ["attention core", "attention", "mlp", "block", "backbone"]:
+      calls = {"jax": jax_call(module, crops, tokens, dim, heads),
+               "torch": torch_call(module, crops, tokens, dim, heads)}
+      for call in calls.values():
+        jax.block_until_ready(call())
+      times = time_interleaved(calls, _REPEATS.value)
+      jax_ms, torch_ms = (1e3 * float(np.median(times[n])) for n in ("jax", "torch"))
+      results.append({"module": module, "shape": shape, "jax_ms": round(jax_ms, 2),
+                      "torch_ms": round(torch_ms, 2), "ratio": round(jax_ms / torch_ms, 3)})
+  print(f"{jax.devices()[0].device_kind}: {_ARCH.value} (width {dim}, {heads} heads), float32, "
+        f"forward + backward, ms per call (median of {_REPEATS.value}); torch "
+        f"{torch.__version__} on {torch.get_num_threads()} threads")
+  print(f"{'module':16s} {'crops x T':>10s} {'dino_jax':>9s} {'torch':>9s} {'jax/torch':>9s}")
+  for r in results:
+    print(f"{r['module']:16s} {r['shape']:>10s} {r['jax_ms']:9.2f} {r['torch_ms']:9.2f} "
+          f"{r['ratio']:9.2f}")
+  print(json.dumps({"device": jax.devices()[0].device_kind, "arch": _ARCH.value,
+                    "results": results}))
+
+
+if __name__ == "__main__":
+  app.run(main)

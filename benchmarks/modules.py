@@ -1,4 +1,4 @@
-"""Where the step's time goes against PyTorch: forward + backward of each ViT module, both frameworks.
+"""Where the step's time goes against PyTorch: each ViT module's forward + backward in both.
 
   python benchmarks/modules.py [--arch vit_tiny] [--shape 32x197 --shape 128x37] [--repeats 15]
 
@@ -6,9 +6,9 @@ Times dino_jax's Attention (qkv projection, attention, output projection), Mlp, 
 whole backbone (the [CLS] feature of crops of 16 * sqrt(T - 1) px) against timm's modules of the
 same size (those benchmarks/torch_step.py builds its ViT from), and the attention core alone
 (softmax(q k^T / sqrt(d)) v, the matmul form against torch's fused scaled_dot_product_attention).
-A lone block's figure includes XLA's fusion choices for a graph that ends at the block (it
-recomputed the fc2 matmul inside the LayerNorm's gradient here); the backbone's is the step's. Each call is the gradient of sum(out * r) for a fixed random r,
-with respect to the parameters and (except for the backbone's images) the input; the two frameworks' calls alternate (timing.py).
+Each call is the gradient of sum(out ** 2) with respect to the parameters and (except for the
+backbone's images) the input: a loss that needs the whole forward pass (with sum(out * r), XLA
+dropped the last matmul's forward). The two frameworks' calls alternate (timing.py).
 The default shapes are issue 9's CPU step: 2 x 16 global crops (197 tokens at patch 16, 224 px)
 and 8 x 16 local crops (37 tokens, 96 px). float32; PyTorch at its default thread count.
 
@@ -58,17 +58,16 @@ def jax_call(module: str, crops: int, tokens: int, dim: int, heads: int):
   if module == "attention core":
     args = [jax.random.normal(k, (crops, heads, tokens, dim // heads))
             for k in jax.random.split(key, 3)]
-    r = jax.random.normal(jax.random.PRNGKey(1), args[0].shape)
-    grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attention_core(q, k, v) * r), (0, 1, 2)))
+    grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attention_core(q, k, v) ** 2), (0, 1, 2)))
     return functools.partial(grad, *args)
   layer = {"attention": lambda: vit.Attention(heads), "mlp": lambda: vit.Mlp(4 * dim),
            "block": lambda: vit.Block(heads),
-           "backbone": lambda: vit.VisionTransformer(_PATCH.value, **vit.SIZES[_ARCH.value])}[module]()
+           "backbone": lambda: vit.VisionTransformer(_PATCH.value, **vit.SIZES[_ARCH.value]),
+           }[module]()
   x = jax.random.normal(key, input_shape(module, crops, tokens, dim))
   params = layer.init(jax.random.PRNGKey(1), x)
-  r = jax.random.normal(jax.random.PRNGKey(2), (crops, dim) if module == "backbone" else x.shape)
   wrt = 0 if module == "backbone" else (0, 1)  # as in training: no gradient for the images
-  grad = jax.jit(jax.grad(lambda p, x: jnp.sum(layer.apply(p, x) * r), wrt))
+  grad = jax.jit(jax.grad(lambda p, x: jnp.sum(layer.apply(p, x) ** 2), wrt))
   return functools.partial(grad, params, x)
 
 
@@ -77,7 +76,6 @@ def torch_call(module: str, crops: int, tokens: int, dim: int, heads: int):
   torch.manual_seed(0)
   if module == "attention core":
     args = [torch.randn(crops, heads, tokens, dim // heads, requires_grad=True) for _ in range(3)]
-    r = torch.randn(args[0].shape)
     fn = lambda: F.scaled_dot_product_attention(*args)
     params = args
   else:
@@ -92,14 +90,13 @@ def torch_call(module: str, crops: int, tokens: int, dim: int, heads: int):
     if module == "backbone":  # NCHW
       shape = (crops, 3, shape[1], shape[2])
     x = torch.randn(shape, requires_grad=module != "backbone")
-    r = torch.randn((crops, dim) if module == "backbone" else x.shape)
     fn = lambda: layer(x)
     params = [x] + list(layer.parameters())
 
   def call():
     for p in params:
       p.grad = None
-    (fn() * r).sum().backward()
+    (fn() ** 2).sum().backward()
 
   return call
 

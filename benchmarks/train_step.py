@@ -15,7 +15,10 @@ variants' steps called in turn (a machine whose speed drifts then drifts alike f
       --ab 'model.attention=matmul' --ab 'model.num_heads=16'
 
 prints each variant's step ms, images/s and ratio to the config, and last one JSON object
-{"images_per_sec": the config's, "variants": [one object as above for each]}.
+{"images_per_sec": the config's, "variants": [one object as above for each]}. An --ab item
+whose key starts with xla_ is an XLA compiler option for that variant's compile, not a config
+key (--ab 'xla_cpu_prefer_vector_width=512'): XLA flags compared in one process, where separate
+processes would differ by the machine's drift.
 """
 import collections
 import copy
@@ -70,10 +73,23 @@ def print_top_ops(trace_dir: str, steps: int, top: int = 25) -> None:
     print(f"  {ms:8.2f} ms  {100 * ms / all_ms:5.1f} %  {name}")
 
 
-def compile_step(config) -> tuple[Callable[[], dict], dict]:
-  """The config's jitted DINO step compiled for a fixed random uint8 batch: a call that runs one
-  step (the state donated and replaced in place) and returns its metrics, and XLA's figures for
-  the compiled step (compile_s, flops, temp_bytes)."""
+def option_value(text: str) -> bool | int | float | str:
+  """An XLA option's value as XLA takes it: true / false as bools, numbers as numbers."""
+  if text.lower() in ("true", "false"):
+    return text.lower() == "true"
+  for kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  return text
+
+
+def compile_step(config, compiler_options: dict | None = None
+                 ) -> tuple[Callable[[], dict], dict]:
+  """The config's jitted DINO step compiled (with these XLA options) for a fixed random uint8
+  batch: a call that runs one step (the state donated and replaced in place) and returns its
+  metrics, and XLA's figures for the compiled step (compile_s, flops, temp_bytes)."""
   mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
   batch_sh = sharding_lib.batch_sharding(mesh)
   student, teacher, tx, schedules, init = train.make_training(config, 100, 10000)
@@ -100,7 +116,7 @@ def compile_step(config) -> tuple[Callable[[], dict], dict]:
   key = jax.random.PRNGKey(1)
 
   t = time.perf_counter()
-  compiled = step.lower(state, batch, key).compile()
+  compiled = step.lower(state, batch, key).compile(compiler_options or None)
   compile_s = time.perf_counter() - t
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -118,15 +134,24 @@ def compile_step(config) -> tuple[Callable[[], dict], dict]:
 
 def main(argv):
   del argv
-  variants = {"config": _CONFIG.value}
+  variants, options = {"config": _CONFIG.value}, {"config": {}}
   for item in _AB.value:  # each --ab: the config with these overrides more, before any compile
-    variants[item] = config_lib.apply_overrides(copy.deepcopy(_CONFIG.value), shlex.split(item),
-                                                where=f"--ab {item!r}")
-  for config in variants.values():
+    words = shlex.split(item)
+    options[item] = {k: option_value(v) for k, _, v in
+                     (w.partition("=") for w in words if w.startswith("xla_"))}
+    variants[item] = config_lib.apply_overrides(
+        copy.deepcopy(_CONFIG.value), [w for w in words if not w.startswith("xla_")],
+        where=f"--ab {item!r}")
+  for name, config in variants.items():
     config_lib.validate(config, jax.device_count())
+    if options[name]:  # a misspelt XLA option fails here, before any step compiles
+      try:
+        jax.jit(lambda: 0).lower().compile(options[name])
+      except Exception as e:  # pylint: disable=broad-except
+        raise ValueError(f"--ab {name!r}: XLA rejects {options[name]}: {e}") from e
   runs, xla = {}, {}
   for name, config in variants.items():
-    runs[name], xla[name] = compile_step(config)
+    runs[name], xla[name] = compile_step(config, options[name])
     for _ in range(2):  # warm-up
       metrics = runs[name]()
     jax.block_until_ready(metrics)

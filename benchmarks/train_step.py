@@ -73,18 +73,6 @@ def print_top_ops(trace_dir: str, steps: int, top: int = 25) -> None:
     print(f"  {ms:8.2f} ms  {100 * ms / all_ms:5.1f} %  {name}")
 
 
-def option_value(text: str) -> bool | int | float | str:
-  """An XLA option's value as XLA takes it: true / false as bools, numbers as numbers."""
-  if text.lower() in ("true", "false"):
-    return text.lower() == "true"
-  for kind in (int, float):
-    try:
-      return kind(text)
-    except ValueError:
-      pass
-  return text
-
-
 def compile_step(config, compiler_options: dict | None = None
                  ) -> tuple[Callable[[], dict], dict]:
   """The config's jitted DINO step compiled (with these XLA options) for a fixed random uint8
@@ -137,7 +125,7 @@ def main(argv):
   variants, options = {"config": _CONFIG.value}, {"config": {}}
   for item in _AB.value:  # each --ab: the config with these overrides more, before any compile
     words = shlex.split(item)
-    options[item] = {k: option_value(v) for k, _, v in
+    options[item] = {k: config_lib.parse_value(v) for k, _, v in
                      (w.partition("=") for w in words if w.startswith("xla_"))}
     variants[item] = config_lib.apply_overrides(
         copy.deepcopy(_CONFIG.value), [w for w in words if not w.startswith("xla_")],

@@ -10,7 +10,7 @@ import difflib
 import importlib.util
 import json
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import ml_collections as mlc
 
@@ -267,13 +267,17 @@ def apply_overrides(config: mlc.ConfigDict, overrides: Sequence[str], where: str
                        + (f" (did you mean {close[0]!r}?)" if close else ""))
       if i < len(names) - 1:
         node = node[name]
-    text = {"true": "True", "false": "False"}.get(text, text)  # as ml_collections' parser
-    try:
-      value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      value = text
-    node[names[-1]] = value
+    node[names[-1]] = parse_value(text)
   return config
+
+
+def parse_value(text: str) -> Any:
+  """A command-line value: a Python literal, true / false as absl writes them, else the string."""
+  text = {"true": "True", "false": "False"}.get(text, text)  # as ml_collections' parser
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
 
 
 def to_json(config: mlc.ConfigDict) -> str:

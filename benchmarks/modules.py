@@ -4,8 +4,9 @@
 
 Times dino_jax's Attention (qkv projection, attention, output projection), Mlp, Block and the
 whole backbone (the [CLS] feature of crops of 16 * sqrt(T - 1) px) against timm's modules of the
-same size (those benchmarks/torch_step.py builds its ViT from), and the attention core alone
-(softmax(q k^T / sqrt(d)) v, the matmul form against torch's fused scaled_dot_product_attention).
+same size (torch_step.py's timm_vit for the backbone), and the attention core alone
+(vit.attention_weights times v, the matmul form, against torch's fused
+scaled_dot_product_attention).
 Each call is the gradient of sum(out ** 2) with respect to the parameters and (except for the
 backbone's images) the input: a loss that needs the whole forward pass (with sum(out * r), XLA
 dropped the last matmul's forward). The two frameworks' calls alternate (timing.py).
@@ -27,21 +28,15 @@ from absl import app, flags
 from timm.models.vision_transformer import Attention as TorchAttention
 from timm.models.vision_transformer import Block as TorchBlock
 from timm.models.vision_transformer import Mlp as TorchMlp
-from timm.models.vision_transformer import VisionTransformer as TorchViT
 
 from dino_jax.models import vit
 from timing import time_interleaved
+from torch_step import timm_vit
 
 _ARCH = flags.DEFINE_enum("arch", "vit_tiny", list(vit.SIZES), "Width and heads from this size.")
 _SHAPES = flags.DEFINE_multi_string("shape", ["32x197", "128x37"], "CROPSxTOKENS, repeatable.")
 _PATCH = flags.DEFINE_integer("patch", 16, "Patch size of the backbone.")
 _REPEATS = flags.DEFINE_integer("repeats", 15, "Timed calls of each after a warm-up (median).")
-
-
-def attention_core(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """(B, heads, T, hd) each -> (B, heads, T, hd): vit.Attention's matmul form without the dense."""
-  logits = jnp.matmul(q * q.shape[-1] ** -0.5, jnp.swapaxes(k, -1, -2))
-  return jnp.matmul(jax.nn.softmax(logits, axis=-1), v)
 
 
 def input_shape(module: str, crops: int, tokens: int, dim: int) -> tuple[int, ...]:
@@ -58,7 +53,8 @@ def jax_call(module: str, crops: int, tokens: int, dim: int, heads: int):
   if module == "attention core":
     args = [jax.random.normal(k, (crops, heads, tokens, dim // heads))
             for k in jax.random.split(key, 3)]
-    grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attention_core(q, k, v) ** 2), (0, 1, 2)))
+    core = lambda q, k, v: jnp.matmul(vit.attention_weights(q, k), v)
+    grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(core(q, k, v) ** 2), (0, 1, 2)))
     return functools.partial(grad, *args)
   layer = {"attention": lambda: vit.Attention(heads), "mlp": lambda: vit.Mlp(4 * dim),
            "block": lambda: vit.Block(heads),
@@ -82,10 +78,8 @@ def torch_call(module: str, crops: int, tokens: int, dim: int, heads: int):
     layer = {"attention": lambda: TorchAttention(dim, heads, qkv_bias=True),
              "mlp": lambda: TorchMlp(dim, 4 * dim),
              "block": lambda: TorchBlock(dim, heads, qkv_bias=True),
-             "backbone": lambda: TorchViT(
-                 img_size=224, patch_size=_PATCH.value, num_classes=0, global_pool="token",
-                 qkv_bias=True, dynamic_img_size=True, **vit.SIZES[_ARCH.value],
-                 norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6))}[module]()
+             "backbone": lambda: timm_vit(vit.SIZES[_ARCH.value], _PATCH.value, 224, 0.0),
+             }[module]()
     shape = input_shape(module, crops, tokens, dim)
     if module == "backbone":  # NCHW
       shape = (crops, 3, shape[1], shape[2])

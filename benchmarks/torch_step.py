@@ -47,14 +47,20 @@ _AMP = flags.DEFINE_bool("amp", None, "fp16 autocast + GradScaler (default: on w
 _THREADS = flags.DEFINE_integer("threads", 0, "torch.set_num_threads (0: torch's default).")
 
 
+def timm_vit(sizes: dict, patch_size: int, img_size: int, drop_path_rate: float) -> nn.Module:
+  """timm's ViT as the release's (qkv bias, LayerNorm eps 1e-6, [CLS] feature out); sizes:
+  embed_dim, depth, num_heads. Any crop size that is a multiple of the patch goes in."""
+  return VisionTransformer(
+      img_size=img_size, patch_size=patch_size, num_classes=0, global_pool="token",
+      mlp_ratio=4.0, qkv_bias=True, dynamic_img_size=True, drop_path_rate=drop_path_rate,
+      norm_layer=functools.partial(nn.LayerNorm, eps=1e-6), **sizes)
+
+
 def make_backbone(config, drop_path_rate: float) -> nn.Module:
   m = config.model
   sizes = dict(SIZES.get(m.arch, {}))
   sizes.update({k: m[k] for k in ("embed_dim", "depth", "num_heads") if m[k] > 0})
-  return VisionTransformer(
-      img_size=config.global_crops_size, patch_size=m.patch_size, num_classes=0,
-      global_pool="token", mlp_ratio=4.0, qkv_bias=True, dynamic_img_size=True,
-      drop_path_rate=drop_path_rate, norm_layer=functools.partial(nn.LayerNorm, eps=1e-6), **sizes)
+  return timm_vit(sizes, m.patch_size, config.global_crops_size, drop_path_rate)
 
 
 class DINOHead(nn.Module):

@@ -100,6 +100,18 @@ def resize_pos_embed(pos_embed: jax.Array, grid_hw: tuple[int, int]) -> jax.Arra
 ATTENTION_IMPLS = ("matmul", "xla", "cudnn")
 
 
+def attention_weights(q: jax.Array, k: jax.Array) -> jax.Array:
+  """q, k (B, heads, T, head_dim) -> softmax(q k^T / sqrt(head_dim)) (B, heads, T, T), in q's
+  dtype (the softmax in float32): the 'matmul' form of Attention.
+
+  The release scales the logits, (q k^T) * s; scaling q is the same numbers when s is a power of
+  two (head_dim 16, 64: every standard size) and T / head_dim times less work (XLA CPU also
+  materialised s as a full (B, heads, T, T) array). Matmul form: faster than einsum on XLA CPU.
+  """
+  logits = jnp.matmul(q * q.shape[-1] ** -0.5, jnp.swapaxes(k, -1, -2))
+  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with a fused qkv projection (rows q, k, v; heads contiguous).
 
@@ -127,12 +139,7 @@ class Attention(nn.Module):
       out = jax.nn.dot_product_attention(q, k, v, implementation=self.impl)  # (B, T, heads, hd)
       return dense(d, name="proj")(out.reshape(b, t, d))
     q, k, v = (jnp.swapaxes(y, 1, 2) for y in (q, k, v))  # each (B, heads, T, head_dim)
-    # The release scales the logits, (q k^T) * s; scaling q is the same numbers when s is a power
-    # of two (head_dim 16, 64: every standard size) and T / head_dim times less work (XLA CPU
-    # also materialised s as a full (B, heads, T, T) array). Matmul form: faster than einsum on
-    # XLA CPU.
-    logits = jnp.matmul(q * (d // self.num_heads) ** -0.5, jnp.swapaxes(k, -1, -2))
-    attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    attn = attention_weights(q, k)
     if return_attention:
       return attn
     out = jnp.matmul(attn, v)  # (B, heads, T, head_dim)

@@ -7,9 +7,21 @@ import sys
 import pytest
 
 PROBE = r"""
-import resource, sys
+import ctypes, resource, sys, time
 import dino_jax
 import jax, jax.numpy as jnp
+
+class MallInfo2(ctypes.Structure):  # glibc >= 2.33; every field a size_t, in bytes
+  _fields_ = [(name, ctypes.c_size_t) for name in (
+      "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+      "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+
+def malloced():  # bytes in use: in the heap and in mmapped blocks
+  info = libc.mallinfo2()
+  return info.uordblks + info.hblkhd
 
 def loss(w, x):  # an MLP layer's gradient on (65536, 64) tokens: ~340 MB of temporaries
   return jnp.sum(jnp.tanh(jax.nn.gelu(x @ w[0], approximate=False) @ w[1]))
@@ -23,11 +35,19 @@ else:
                                                  jnp.full((256, 64), 0.01)), 6, 8
 for _ in range(warm_up):
   f(w, x)[0].block_until_ready()
+time.sleep(0.5)
+settled = malloced()
 faults = []
 for _ in range(calls):
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   f(w, x)[0].block_until_ready()
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+  # jax frees an output on a worker thread after its last reference goes, ~1 ms later here and
+  # longer under load; the next call could malloc before that free and grow the heap instead.
+  deadline = time.monotonic() + 60
+  while malloced() > settled + 2**24:
+    assert time.monotonic() < deadline, ("not freed", malloced(), settled)
+    time.sleep(0.001)
 print(dino_jax.MALLOC_TUNED, min(faults))
 """
 

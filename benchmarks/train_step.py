@@ -140,16 +140,14 @@ def main(argv):
   runs, xla = {}, {}
   for name, config in variants.items():
     runs[name], xla[name] = compile_step(config, options[name])
-    for _ in range(2):  # warm-up
-      metrics = runs[name]()
-    jax.block_until_ready(metrics)
+    for _ in range(2):  # warm-up; one step at a time, as the trainer runs them on CPU
+      jax.block_until_ready(runs[name]())
   times = time_interleaved(runs, _STEPS.value)
   first = next(iter(variants))
   if _PROFILE.value:
     with jax.profiler.trace(_PROFILE.value, create_perfetto_trace=True):
       for _ in range(3):
-        metrics = runs[first]()
-      jax.block_until_ready(metrics)
+        jax.block_until_ready(runs[first]())
     print_top_ops(_PROFILE.value, steps=3)
 
   dev = jax.devices()[0]

@@ -332,16 +332,15 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
   # dino_jax/__init__.py) grew by a set of temporaries at a time: ViT-Tiny/16 at batch 16 peaked
   # at 17.2 GiB dispatching freely, 9.7 GiB so, at the same speed (benchmarks/RESULTS.md).
   # Accelerators keep asynchronous dispatch: their allocators order a free before the next use.
-  one_at_a_time, running = jax.default_backend() == "cpu", None
+  one_at_a_time = jax.default_backend() == "cpu"
   try:
     with jax.transfer_guard("disallow"):
       while step < total_steps:
         with jax.transfer_guard_host_to_device("allow"):  # the one intended transfer
           batch = pipeline.global_batch(next(data_iter), batch_sh)
-        if running is not None:
-          jax.block_until_ready(running)
+        if one_at_a_time and step > start_step:
+          jax.block_until_ready(metrics)  # the previous step's
         state, metrics = step_fn(state, batch, step_rng)
-        running = metrics if one_at_a_time else None
         step += 1
         pending.append(metrics["loss"])
         if t0 is None:  # the first step compiles: throughput is timed from its end

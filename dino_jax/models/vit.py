@@ -49,8 +49,14 @@ def torch_default_bias_init(fan_in: int):
   return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+@jax.checkpoint
 def gelu(x: jax.Array) -> jax.Array:
-  """Exact (erf) GELU, as torch.nn.GELU(); flax's nn.gelu defaults to the tanh approximation."""
+  """Exact (erf) GELU, as torch.nn.GELU(); flax's nn.gelu defaults to the tanh approximation.
+
+  Checkpointed: the backward pass keeps x and recomputes the terms of the derivative from it,
+  where autodiff of the formula would keep 0.5 x, erfc(-x / sqrt 2) and exp(-x^2 / 2), arrays the
+  size of the MLP's hidden layer (the largest activations of a block). Same gradient.
+  """
   return nn.gelu(x, approximate=False)
 
 
@@ -109,7 +115,13 @@ def attention_weights(q: jax.Array, k: jax.Array) -> jax.Array:
   materialised s as a full (B, heads, T, T) array). Matmul form: faster than einsum on XLA CPU.
   """
   logits = jnp.matmul(q * q.shape[-1] ** -0.5, jnp.swapaxes(k, -1, -2))
-  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
+  with jax.softmax_custom_jvp(True):  # the backward keeps only the output; see Attention
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
+
+
+# LayerNorm that keeps only its input for the backward pass and recomputes the normalised
+# activations (a few elementwise ops) there, instead of keeping them beside the input.
+LayerNorm = nn.remat(nn.LayerNorm)
 
 
 class Attention(nn.Module):
@@ -119,6 +131,9 @@ class Attention(nn.Module):
   'xla' or 'cudnn' (jax.nn.dot_product_attention with that implementation; cudnn is the fused
   flash kernel on NVIDIA GPUs, bf16/fp16 only). Same numbers up to rounding; which is fastest is
   measured by benchmarks/attention.py per platform (benchmarks/RESULTS.md).
+
+  The softmax is differentiated through jax's custom JVP (jax.softmax_custom_jvp), which keeps
+  only softmax's output for the backward pass; the default keeps its exp and sum as well.
   """
   num_heads: int
   dtype: Dtype = jnp.float32
@@ -136,7 +151,8 @@ class Attention(nn.Module):
     # three zero-padded copies of qkv added together.
     q, k, v = (y[:, :, 0] for y in jnp.split(qkv, 3, axis=2))  # each (B, T, heads, head_dim)
     if self.impl != "matmul" and not return_attention:
-      out = jax.nn.dot_product_attention(q, k, v, implementation=self.impl)  # (B, T, heads, hd)
+      with jax.softmax_custom_jvp(True):
+        out = jax.nn.dot_product_attention(q, k, v, implementation=self.impl)  # (B, T, heads, hd)
       return dense(d, name="proj")(out.reshape(b, t, d))
     q, k, v = (jnp.swapaxes(y, 1, 2) for y in (q, k, v))  # each (B, heads, T, head_dim)
     attn = attention_weights(q, k)
@@ -179,7 +195,7 @@ class Block(nn.Module):
   def __call__(self, x: jax.Array, deterministic: bool = True,
                return_attention: bool = False) -> jax.Array:
     """x: (B, T, D) -> (B, T, D); or the attention (B, heads, T, T) if return_attention."""
-    norm = functools.partial(nn.LayerNorm, epsilon=1e-6, use_fast_variance=False, dtype=self.dtype,
+    norm = functools.partial(LayerNorm, epsilon=1e-6, use_fast_variance=False, dtype=self.dtype,
                              param_dtype=self.param_dtype)
     attn = Attention(self.num_heads, self.dtype, self.param_dtype, self.attention, name="attn")
     y = attn(norm(name="norm1")(x), return_attention)
@@ -229,8 +245,8 @@ class VisionTransformer(nn.Module):
               self.attention)
         for r in rates
     ]
-    self.norm = nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, dtype=self.dtype,
-                             param_dtype=self.param_dtype)
+    self.norm = LayerNorm(epsilon=1e-6, use_fast_variance=False, dtype=self.dtype,
+                          param_dtype=self.param_dtype)
 
   def prepare_tokens(self, x: jax.Array) -> jax.Array:
     """x: (B, H, W, 3) -> tokens (B, T, D): [CLS] + patch embeddings + position embedding."""

@@ -111,8 +111,10 @@ def test_blocks_above_2_gib_are_kept_too():
   Tested on malloc directly: through jax, a small malloc made between a free and the next call
   may split the freed block, which then no longer fits, and the heap grows by a fresh one (one CI
   run in five did so on every call); reuse through jax is the test above."""
-  pages = 65536 * 8704 * 4 // 4096
-  assert _run(BIG_PROBE, "default", "glibc") == (False, pytest.approx(pages, rel=0.01))
-  assert _run(BIG_PROBE, "default", "trim_2gib") == (False, pytest.approx(pages, rel=0.01))
+  # In 4 KiB pages: 557k faults for the block; fewer where transparent huge pages are 'always'.
+  tuned, default_faults = _run(BIG_PROBE, "default", "glibc")
+  assert not tuned and default_faults > 0.5 * 65536 * 8704 * 4 / 2**21, default_faults
+  tuned, trim_faults = _run(BIG_PROBE, "default", "trim_2gib")
+  assert not tuned and trim_faults > 0.5 * default_faults, (trim_faults, default_faults)
   tuned, faults = _run(BIG_PROBE, None, "dino_jax")
-  assert tuned and faults < 0.01 * pages, faults
+  assert tuned and faults < 0.01 * default_faults, (faults, default_faults)

@@ -181,8 +181,8 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], rng: ja
       "wd": schedules["wd"](step),
       "momentum": momentum,
       "teacher_temp": teacher_temp,
-      "grad_norm": optax.global_norm(grads),
-      "param_norm": optax.global_norm(params),
+      "grad_norm": optax.tree.norm(grads),
+      "param_norm": optax.tree.norm(params),
       "entropy": aux["entropy"],
       "batch_entropy": losses.entropy(aux["teacher_probs_mean"]),
       "kl": loss - aux["entropy"],  # KL(teacher || student), mean over the loss's pairs

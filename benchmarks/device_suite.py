@@ -66,7 +66,6 @@ def print_env() -> None:
   print(json.dumps(out))
 
 
-
 def runs(smoke: bool, peak: float) -> list[tuple[str, list[str], int]]:
   """(name, command, timeout s) of the measurements, in the order they run: what the issue's
   targets need first. peak: the device's TFLOP/s, for MFU (0: none)."""
@@ -76,25 +75,27 @@ def runs(smoke: bool, peak: float) -> list[tuple[str, list[str], int]]:
   jax_step = [sys.executable, "benchmarks/train_step.py", "--noaugment", "--peak_tflops",
               str(peak)] + steps
   torch_step = [sys.executable, "benchmarks/torch_step.py", "--peak_tflops", str(peak)] + steps
-  attention = [sys.executable, "benchmarks/attention.py", "--repeats", "5" if smoke else "20"]
+  attention = [sys.executable, "benchmarks/attention.py", "--repeats", "5" if smoke else "20",
+               "--batch", "32" if smoke else "512"]
+  pipeline = [sys.executable, "benchmarks/input_pipeline.py", "--batches", "5", "--rounds", "1"] + (
+      ["--workers", "2", "--batch_size", "32", "--images", "400"] if smoke else
+      ["--workers", "16", "--batch_size", "256", "--images", "2600"])  # >= 8 batches of JPEGs
   return [
       ("jax vit_s", jax_step + s + [f"--config.model.attention={fast}"], 240),
       ("torch vit_s", torch_step + s, 180),
       ("jax vit_b", jax_step + b + [f"--config.model.attention={fast}"], 240),
       ("torch vit_b", torch_step + b, 180),
-      ("attention vit_s", attention + ["--batch", "32" if smoke else "512"], 120),
-      ("input pipeline", [sys.executable, "benchmarks/input_pipeline.py", "--workers",
-                          "2" if smoke else "16", "--batch_size", "32" if smoke else "256",
-                          "--batches", "5", "--rounds", "1", "--images", "400" if smoke else "2600"],
-       240),
+      ("attention vit_s", attention, 120),
+      ("input pipeline", pipeline, 240),
       ("jax vit_s matmul", jax_step + s + ["--config.model.attention=matmul"], 240),
       ("torch vit_s compiled", torch_step + s + ["--compile"], 300),
   ]
 
 
 def run_one(name: str, cmd: list[str], timeout: float, log) -> dict:
-  """Runs cmd from the repository root, its output streamed to log and stdout; returns the run's
-  record with the last line of its output that parses as a JSON object (None if none did)."""
+  """Runs cmd from the repository root, its output streamed to log (and its last lines printed if
+  it fails); returns the run's record with the last line of its output that parses as a JSON
+  object (None if none did)."""
   env = dict(os.environ, PYTHONUNBUFFERED="1",
              PYTHONPATH=os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p))
   header = f"==== {name}: {' '.join(cmd[1:])} (timeout {timeout:.0f} s)"

@@ -3,7 +3,7 @@ the attention forms. Each measurement runs in its own process, most important fi
 time budget. Partial results survive a timeout, a crash or an out-of-memory run.
 
 On a lent GPU machine (the `device` tool, from the repository root). That image has jax, flax,
-optax, orbax, chex, torch and timm. It lacks grain and ml_collections, so carry their wheels
+optax, orbax, chex, torch and timm. It lacks grain, ml_collections and tensorboardX, so carry wheels
 (`.whl`, in .gitignore; the download command is in benchmarks/RESULTS.md, "GPU suite"):
 
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -80,6 +80,15 @@ def runs(smoke: bool, peak: float) -> list[tuple[str, list[str], int]]:
   pipeline = [sys.executable, "benchmarks/input_pipeline.py", "--batches", "5", "--rounds", "1"] + (
       ["--workers", "2", "--batch_size", "32", "--images", "400"] if smoke else
       ["--workers", "16", "--batch_size", "256", "--images", "2600"])  # >= 8 batches of JPEGs
+  # The trainer end to end, fed by the grain pipeline from the input-pipeline run's JPEGs: the
+  # images/s of its last log line (timed from the end of the first step) against the step alone.
+  end_to_end = ["bash", "-c", "rm -rf /tmp/device_suite_e2e && " + " ".join(
+      [sys.executable, "-m", "dino_jax.train", "--workdir", "/tmp/device_suite_e2e"] + s +
+      [f"--config.model.attention={fast}", "--config.data.source=folder",
+       "--config.data.path=/tmp/dino_jax_bench_jpegs", "--config.eval.after_training=False",
+       f"--config.total_steps={20 if smoke else 60}", "--config.log_every_steps=10",
+       "--config.checkpoint_every_steps=1000"] + (["--config.data.workers=2", "--config.aug.crops_on_device=False"] if smoke else []))
+      + " && tail -n 1 /tmp/device_suite_e2e/metrics.jsonl"]
   return [
       ("jax vit_s", jax_step + s + [f"--config.model.attention={fast}"], 240),
       ("torch vit_s", torch_step + s, 180),
@@ -87,6 +96,7 @@ def runs(smoke: bool, peak: float) -> list[tuple[str, list[str], int]]:
       ("torch vit_b", torch_step + b, 180),
       ("attention vit_s", attention, 120),
       ("input pipeline", pipeline, 240),
+      ("trainer vit_s", end_to_end, 240),
       ("jax vit_s matmul", jax_step + s + ["--config.model.attention=matmul"], 240),
       ("torch vit_s compiled", torch_step + s + ["--compile"], 300),
   ]
@@ -147,7 +157,7 @@ def table(records: list[dict]) -> str:
   lines = ["| run | step ms | images/s | TFLOP/s | MFU | peak GiB | GiB / image | compile s |",
            "|---|---|---|---|---|---|---|---|"]
   for name, r in res.items():
-    if "images_per_sec" not in r:
+    if "step_ms" not in r:
       continue
     mfu = "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f} %"
     lines.append(f"| {name} | {fmt(r['step_ms'])} | {fmt(r['images_per_sec'])} | "
@@ -168,6 +178,11 @@ def table(records: list[dict]) -> str:
               + " |", "|---" * (len(lengths) + 1) + "|"]
     for impl, row in attention["results"].items():
       lines.append(f"| {impl} | " + " | ".join(fmt(row.get(t), ".2f") for t in lengths) + " |")
+  trainer, step = res.get("trainer vit_s"), res.get("jax vit_s")
+  if trainer:
+    lines += ["", f"Trainer end to end (grain pipeline from JPEGs, step {trainer['step']}): "
+              f"{trainer['images_per_sec']:.1f} images/s"
+              + (f", the step alone {step['images_per_sec']:.1f}" if step else "")]
   pipeline = res.get("input pipeline")
   if pipeline:  # images/s of the host side, to set against the steps' images/s above
     lines += ["", "Input pipeline, images/s: " + ", ".join(

@@ -19,6 +19,16 @@ from etils import epath
 from dino_jax import config as config_lib
 
 
+def absolute(path: str) -> epath.Path:
+  """A local path made absolute (URIs such as gs://bucket/dir stay as they are).
+
+  orbax's array writer rejects a relative directory, and only from its background thread: the
+  save fails silently and the error surfaces at the next save, so a run started with
+  `--workdir workdirs/default` (the README's command) lost every checkpoint and stopped there.
+  """
+  return epath.Path(path if "://" in str(path) else os.path.abspath(path))
+
+
 def manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
   """CheckpointManager on workdir/checkpoints with items 'state' and (optionally) 'data'.
 
@@ -32,7 +42,7 @@ def manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.Checkpo
   else:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True)
   return ocp.CheckpointManager(
-      epath.Path(workdir) / "checkpoints", options=options, item_names=("state", "data"),
+      absolute(workdir) / "checkpoints", options=options, item_names=("state", "data"),
       item_handlers={"state": ocp.StandardCheckpointHandler(),
                      "data": grain.checkpoint.CheckpointHandler()})
 

@@ -89,6 +89,16 @@ def _assert_close_states(workdir, reference):
     assert_params_close(got[key], want[key], 1e-5, what=key)
 
 
+def _assert_equal_states(workdir, reference):
+  """The whole final TrainState bit for bit equal to the reference run's."""
+  _, got = _final_state(workdir)
+  _, want = _final_state(reference)
+  got, want = _flat(got), _flat(want)
+  assert got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
   """An uninterrupted 12-step run on 8 devices (mesh data 8)."""
@@ -166,6 +176,18 @@ def test_run_writes_the_workdir_outputs(reference_run):
   assert step == 12 and int(state["step"]) == 12
 
 
+def test_relative_workdir_keeps_every_checkpoint(tmp_path, reference_run):
+  """`--workdir rel/wd` given relative to the current directory, as the README's command does:
+  orbax's save thread rejects a relative directory, which lost every checkpoint and stopped the
+  run at the second save. Every kept checkpoint is written and the run equals the reference."""
+  proc = subprocess.run(_train_cmd("rel/wd"), env=_env(8), cwd=tmp_path, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  workdir = tmp_path / "rel" / "wd"
+  assert sorted(int(n) for n in os.listdir(workdir / "checkpoints")) == [4, 8, 12]
+  _assert_equal_states(workdir, reference_run)
+
+
 def test_kill_after_checkpoint_then_rerun_equals_uninterrupted(tmp_path, reference_run):
   """SIGKILL once the step-4 checkpoint is on disk; the same command then finishes the run."""
   proc = subprocess.Popen(_train_cmd(tmp_path, "--config.total_steps=12"), env=_env(8),
@@ -178,12 +200,7 @@ def test_kill_after_checkpoint_then_rerun_equals_uninterrupted(tmp_path, referen
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   _train(tmp_path)
-  _, got = _final_state(tmp_path)
-  _, want = _final_state(reference_run)
-  got, want = _flat(got), _flat(want)
-  assert got.keys() == want.keys()
-  for k in want:
-    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  _assert_equal_states(tmp_path, reference_run)
   assert _metrics(tmp_path) == _metrics(reference_run)
 
 

@@ -35,6 +35,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from PIL import Image
 
+from dino_jax import checkpoint
 from dino_jax import sharding as sharding_lib
 from dino_jax.data import augment, pipeline
 from dino_jax.data.sources import make_source
@@ -138,7 +139,7 @@ def train(featurize: Callable[[Any, jax.Array], jax.Array], backbone_params: Any
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
                           jax.eval_shape(init, seed))
   mngr = None if ckpt_dir is None else ocp.CheckpointManager(
-      os.path.abspath(ckpt_dir), options=ocp.CheckpointManagerOptions(max_to_keep=2),
+      checkpoint.absolute(ckpt_dir), options=ocp.CheckpointManagerOptions(max_to_keep=2),
       item_names=("state", "history"))
   start, history = 0, []
   if mngr is not None and mngr.latest_step() is not None:

@@ -13,6 +13,7 @@ checkpoints. Every conversion is a transpose or a copy, so round trips are bitwi
 """
 from __future__ import annotations
 
+import importlib
 import re
 from typing import Any, Mapping, NamedTuple
 
@@ -129,6 +130,15 @@ def _torch_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
   if layout == "conv":
     return (shape[3], shape[2], shape[0], shape[1])
   return tuple(shape)
+
+
+def torch_extra(module: str) -> Any:
+  """Imports a module of the 'torch' extra (torch, safetensors), or says how to install it."""
+  try:
+    return importlib.import_module(module)
+  except ImportError as e:
+    raise ImportError(f"{module} is not installed: PyTorch weight exchange needs the 'torch' "
+                      "extra (pip install -e '.[torch]', or pip install torch safetensors)") from e
 
 
 def to_numpy(x: Any) -> np.ndarray:
@@ -508,7 +518,7 @@ def optimizer_to_torch(opt_state: Any, params: Mapping[str, Any], *, norm_last_l
   own Adam step, so the last layer's count starts when its freeze ends, as in PyTorch. lr and
   weight_decay are this step's values, as the release leaves them in its param groups.
   """
-  import torch  # pylint: disable=g-import-not-at-top
+  torch = torch_extra("torch")
   reg, not_reg = _param_groups(params, norm_last_layer, prefix)
   index = {e.path: (i, e.layout) for i, e in enumerate(reg + not_reg)}
   state = {}

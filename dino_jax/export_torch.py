@@ -95,7 +95,7 @@ def _completed_epochs(workdir: str, config, step: int) -> int:
 
 
 def _tensors(tree: Any) -> Any:
-  import torch  # pylint: disable=g-import-not-at-top
+  torch = convert.torch_extra("torch")
   return jax.tree.map(lambda x: torch.from_numpy(np.array(x)), tree)
 
 
@@ -113,7 +113,7 @@ def export(workdir: str, output: str, *, which: str = "teacher", with_head: bool
   shape = backbone_shape(config)
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   if fmt == "full":
-    import torch  # pylint: disable=g-import-not-at-top
+    torch = convert.torch_extra("torch")
     bn = config.model.use_bn_in_head
     obj = {
         "student": _tensors(convert.flax_to_torch(state.params, state.batch_stats, prefix="module.",
@@ -138,15 +138,14 @@ def export(workdir: str, output: str, *, which: str = "teacher", with_head: bool
     else:
       sd = convert.flax_to_torch(params["backbone"])
     if fmt == "pth":
-      import torch  # pylint: disable=g-import-not-at-top
-      torch.save(_tensors(sd), output)
+      convert.torch_extra("torch").save(_tensors(sd), output)
     elif fmt == "safetensors":
-      from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+      save_file = convert.torch_extra("safetensors.numpy").save_file
       meta = {"format": "pt", "arch": config.model.arch, "patch_size": str(shape["patch_size"]),
               "num_heads": str(shape["num_heads"]), "which": which, "step": str(step)}
       save_file(sd, output, metadata=meta)
     else:  # hf
-      from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+      save_file = convert.torch_extra("safetensors.numpy").save_file
       os.makedirs(output, exist_ok=True)
       with open(os.path.join(output, "config.json"), "w") as f:
         json.dump(convert.hf_config(**shape), f, indent=2)
@@ -175,7 +174,7 @@ def main(argv) -> None:
   fmt = f.format or ("safetensors" if f.output.endswith(".safetensors") else "pth")
   try:
     out = export(f.workdir, f.output, which=f.which, with_head=f.with_head, fmt=fmt, step=f.step)
-  except (ValueError, FileNotFoundError) as e:  # one clear line, no traceback
+  except (ValueError, FileNotFoundError, ImportError) as e:  # one clear line, no traceback
     sys.exit(f"export_torch: {e}")
   print(json.dumps({k: v for k, v in out.items() if k != "keys"}))
 

@@ -65,7 +65,7 @@ def _unreadable(path: str, e: Exception) -> ValueError:
 def load_file(path: str) -> tuple[Any, dict[str, Any]]:
   """(the stored object, info): a .pth/.pt file's dict, a safetensors file's or an hf directory's
   state_dict. info: what the file says of the architecture (hf config, safetensors metadata)."""
-  import torch  # pylint: disable=g-import-not-at-top
+  torch = convert.torch_extra("torch")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} does not exist")
   if os.path.isdir(path):
@@ -89,7 +89,7 @@ def load_file(path: str) -> tuple[Any, dict[str, Any]]:
                        f"{cfg.get('layer_norm_eps')} differ from DINO's ViT (exact GELU, 1e-6)")
     return obj, info
   if path.endswith(".safetensors"):
-    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+    safe_open = convert.torch_extra("safetensors").safe_open
     try:
       with safe_open(path, "pt") as f:
         meta = f.metadata() or {}
@@ -368,7 +368,7 @@ def main(argv) -> None:
   try:
     state = import_weights(f.weights, f.output, arch=f.arch, patch_size=f.patch_size,
                            config=f.config, with_optimizer=f.with_optimizer)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:  # one clear line, no traceback
+  except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:  # one line
     sys.exit(f"import_torch: {e}")
   print(json.dumps({"output": f.output, "step": int(state.step)}))
 

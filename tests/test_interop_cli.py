@@ -392,3 +392,20 @@ def test_command_lines(workdirs, exports, tmp_path):
   assert export_torch.load_state(str(tmp_path / "imported"))[2] == STEPS
   with safe_open(path, "np") as f:
     assert f.metadata()["step"] == str(STEPS)
+
+
+@pytest.mark.parametrize("output", ["teacher.pth", "teacher.safetensors"])
+def test_without_the_torch_extra_one_line_names_it(workdirs, tmp_path, output):
+  """A machine with only `pip install -e .`: exporting says which extra to install, in one line
+  (torch and safetensors shadowed by packages that fail to import)."""
+  for name in ("torch", "safetensors"):
+    os.makedirs(tmp_path / "shadow" / name)
+    (tmp_path / "shadow" / name / "__init__.py").write_text("raise ImportError('not installed')\n")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(tmp_path / "shadow")}
+  proc = subprocess.run(
+      [sys.executable, "-m", "dino_jax.export_torch", f"--workdir={workdirs[False][0]}",
+       f"--output={tmp_path / output}"], capture_output=True, text=True, env=env,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  assert proc.returncode != 0
+  assert "pip install -e '.[torch]'" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+  assert not os.path.exists(tmp_path / output)

@@ -1,11 +1,11 @@
 """Linear probe on frozen features, the release's protocol (eval_linear.py).
 
-Features: the [CLS] tokens of the last `n_last_blocks` blocks concatenated (4 for ViT-S), or with
-`avgpool_patchtokens` the last block's [CLS] and mean patch token (ViT-B), each final-LN-normed
-(features.linear_features). A linear layer (weights normal std 0.01, zero bias) trained with SGD
-(momentum 0.9, no weight decay), lr = base_lr x batch / 256, cosine-annealed to 0 once an epoch
-(torch's CosineAnnealingLR(T_max=epochs) stepped per epoch: constant within an epoch);
-cross-entropy.
+Features: the [CLS] tokens of the last `n_last_blocks` blocks concatenated (4 for ViT-S; every
+block of a shallower backbone), or with `avgpool_patchtokens` the last block's [CLS] and mean
+patch token (ViT-B), each final-LN-normed (features.linear_features). A linear layer (weights
+normal std 0.01, zero bias) trained with SGD (momentum 0.9, no weight decay), lr = base_lr x
+batch / 256, cosine-annealed to 0 once an epoch (torch's CosineAnnealingLR(T_max=epochs)
+stepped per epoch: constant within an epoch); cross-entropy.
 Train images: RandomResizedCrop (scale (0.08, 1), bilinear, as torchvision's default) + flip,
 reshuffled every epoch, no image dropped (the last batch padded and masked); eval images: the
 pipeline's eval transform (resize + centre crop). Checkpointed after every epoch and resumed.
@@ -236,9 +236,14 @@ def run(config: mlc.ConfigDict, workdir: str, which: str = "teacher") -> dict[st
   local = features_lib.local_batch_size(e.linear_batch_size, mesh)
   batch_size = local * pc
   epochs = e.linear_epochs
-  n_last = e.linear_n_last_blocks
   avgpool = e.linear_avgpool_patchtokens
   _, backbone, params, step = features_lib.load_backbone(workdir, which)
+  # As the release's get_intermediate_layers: every block when the backbone has fewer (the main
+  # job's depth 3 under the default 4).
+  n_last = min(e.linear_n_last_blocks, backbone.depth)
+  if n_last < e.linear_n_last_blocks:
+    logging.info("linear probe: eval.linear_n_last_blocks=%d > depth %d: the [CLS] tokens of all "
+                 "%d blocks", e.linear_n_last_blocks, backbone.depth, n_last)
   source = make_source(config, config.data.train_split)
   if not getattr(source, "has_labels", True):
     raise ValueError(f"{source!r} has no labels: the linear probe needs them")

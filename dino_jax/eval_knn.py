@@ -14,6 +14,7 @@ import sys
 
 from absl import app, flags, logging
 
+from dino_jax import train as train_lib
 from dino_jax.evaluate import features, report
 
 
@@ -34,6 +35,7 @@ def _nb_knn_values(argv: list[str]) -> list[int]:
 
 
 def main(argv) -> None:
+  train_lib.quiet_library_logs()  # orbax logs every step it restores or saves
   f = flags.FLAGS
   extra = [a for a in argv[1:] if not a.isdigit()]
   if extra:

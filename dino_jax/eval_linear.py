@@ -15,6 +15,7 @@ import sys
 from absl import app, flags
 
 from dino_jax import checkpoint
+from dino_jax import train as train_lib
 from dino_jax.evaluate import linear
 
 # flag name -> config.eval key
@@ -38,6 +39,7 @@ def _define_flags() -> None:
 
 
 def main(argv) -> None:
+  train_lib.quiet_library_logs()  # orbax logs every step it restores or saves
   del argv
   f = flags.FLAGS
   try:

@@ -363,6 +363,7 @@ def _define_flags() -> None:
 
 
 def main(argv) -> None:
+  train_lib.quiet_library_logs()  # orbax logs every step it restores or saves
   del argv
   f = flags.FLAGS
   try:

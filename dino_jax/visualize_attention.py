@@ -29,6 +29,7 @@ import numpy as np
 from absl import app, flags
 
 from dino_jax import attention
+from dino_jax import train as train_lib
 from dino_jax.evaluate import features, report
 from dino_jax.models import VisionTransformer
 
@@ -75,6 +76,7 @@ def split_scores(workdir: str, which: str, output: str, threshold: float) -> Non
 
 
 def main(argv) -> None:
+  train_lib.quiet_library_logs()  # orbax logs every step it restores or saves
   del argv
   f = flags.FLAGS
   if (f.workdir is None) == (f.weights is None):

@@ -39,8 +39,8 @@ def _define_flags() -> None:
 
 
 def main(argv) -> None:
-  train_lib.quiet_library_logs()  # orbax logs every step it restores or saves
   del argv
+  train_lib.quiet_library_logs()  # orbax logs every step it restores or saves
   f = flags.FLAGS
   try:
     config = checkpoint.load_config(f.workdir)

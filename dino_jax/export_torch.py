@@ -169,8 +169,8 @@ def _define_flags() -> None:
 
 
 def main(argv) -> None:
-  train_lib.quiet_library_logs()  # orbax logs every step it restores or saves
   del argv
+  train_lib.quiet_library_logs()  # orbax logs every step it restores or saves
   f = flags.FLAGS
   fmt = f.format or ("safetensors" if f.output.endswith(".safetensors") else "pth")
   try:

@@ -363,8 +363,8 @@ def _define_flags() -> None:
 
 
 def main(argv) -> None:
-  train_lib.quiet_library_logs()  # orbax logs every step it restores or saves
   del argv
+  train_lib.quiet_library_logs()  # orbax logs every step it restores or saves
   f = flags.FLAGS
   try:
     state = import_weights(f.weights, f.output, arch=f.arch, patch_size=f.patch_size,

@@ -76,8 +76,8 @@ def split_scores(workdir: str, which: str, output: str, threshold: float) -> Non
 
 
 def main(argv) -> None:
-  train_lib.quiet_library_logs()  # orbax logs every step it restores or saves
   del argv
+  train_lib.quiet_library_logs()  # orbax logs every step it restores or saves
   f = flags.FLAGS
   if (f.workdir is None) == (f.weights is None):
     sys.exit("visualize_attention: give exactly one of --workdir and --weights")

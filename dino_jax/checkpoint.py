@@ -55,6 +55,24 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iter: Any = No
   mngr.save(step, args=ocp.args.Composite(**items), force=True)
 
 
+def check_saved(mngr: ocp.CheckpointManager) -> None:
+  """Raises the error of a background save that has ended in failure, without waiting for one
+  still running. orbax holds such an error until the next save or the final wait: an epoch of
+  training later, with nothing saved in between.
+
+  Single process only: with several, each would decide alone whether to wait, and orbax's wait
+  synchronises the processes.
+  """
+  if jax.process_count() > 1 or mngr.is_saving_in_progress():
+    return
+  try:
+    mngr.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    raise RuntimeError(f"saving a checkpoint to {mngr.directory} failed ({type(e).__name__}: "
+                       f"{e}); training stopped. The last good checkpoint is step "
+                       f"{mngr.latest_step()}.") from e
+
+
 def restore(mngr: ocp.CheckpointManager, abstract_state: Any, data_iter: Any = None,
             step: int | None = None) -> tuple[int, Any] | None:
   """Restores the latest readable checkpoint (or `step`) into abstract_state's shardings.

@@ -351,6 +351,7 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
         save_now = step % config.checkpoint_every_steps == 0 or step == total_steps
         stop = preempted(mngr, step)
         if log_now or save_now or stop:
+          checkpoint.check_saved(mngr)  # a background save that failed stops the run here
           losses_seen = jax.device_get(pending)
           pending = []
           bad = [i for i, v in enumerate(losses_seen) if not math.isfinite(float(v))]

@@ -284,6 +284,30 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
   assert all(np.isfinite(v).all() for v in _flat(state["params"]).values())
 
 
+def test_a_failed_background_save_is_reported_before_the_next_save(tmp_path, monkeypatch):
+  """A save that fails in orbax's background thread (here: a relative directory, which its
+  writer rejects) is raised by check_saved, which the training loop calls at every log step,
+  once the save has ended; orbax alone would hold the error until the next save."""
+  import time as time_lib  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from dino_jax import checkpoint  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.chdir(tmp_path)
+  mngr = ocp.CheckpointManager(
+      "rel/checkpoints", options=ocp.CheckpointManagerOptions(enable_async_checkpointing=True),
+      item_names=("state",), item_handlers={"state": ocp.StandardCheckpointHandler()})
+  checkpoint.check_saved(mngr)  # nothing saved yet: nothing to report
+  mngr.save(2, args=ocp.args.Composite(state=ocp.args.StandardSave({"w": jnp.ones(3)})))
+  deadline = time_lib.time() + 60
+  with pytest.raises(RuntimeError, match=r"saving a checkpoint to rel/checkpoints failed"):
+    while time_lib.time() < deadline:
+      checkpoint.check_saved(mngr)
+      time_lib.sleep(0.05)
+  assert mngr.all_steps() == []
+  mngr.close()
+
+
 def test_one_compilation_of_the_step_for_the_whole_run(tmp_path, caplog):
   """Logging, checkpointing and the NaN checks between steps never change what the jitted step
   sees (shapes, shardings, static arguments): jax.log_compiles reports train_step compiled once in

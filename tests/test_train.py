@@ -285,10 +285,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
 
 
 def test_a_failed_background_save_is_reported_before_the_next_save(tmp_path, monkeypatch):
-  """A save that fails in orbax's background thread (here: a relative directory, which its
-  writer rejects) is raised by check_saved, which the training loop calls at every log step,
+  """A save that fails in orbax's background thread (here: a relative directory, which orbax
+  0.12's writer rejects) is raised by check_saved, which the training loop calls at every log step,
   once the save has ended; orbax alone would hold the error until the next save."""
-  import time as time_lib  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from dino_jax import checkpoint  # pylint: disable=g-import-not-at-top
@@ -299,11 +298,11 @@ def test_a_failed_background_save_is_reported_before_the_next_save(tmp_path, mon
       item_names=("state",), item_handlers={"state": ocp.StandardCheckpointHandler()})
   checkpoint.check_saved(mngr)  # nothing saved yet: nothing to report
   mngr.save(2, args=ocp.args.Composite(state=ocp.args.StandardSave({"w": jnp.ones(3)})))
-  deadline = time_lib.time() + 60
+  deadline = time.time() + 60
   with pytest.raises(RuntimeError, match=r"saving a checkpoint to rel/checkpoints failed"):
-    while time_lib.time() < deadline:
+    while time.time() < deadline:
       checkpoint.check_saved(mngr)
-      time_lib.sleep(0.05)
+      time.sleep(0.05)
   assert mngr.all_steps() == []
   mngr.close()
 

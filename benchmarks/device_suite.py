@@ -43,6 +43,7 @@ VIT_B = ["--config", "configs/vit_base_imagenet.py", "--config.batch_size=128",
          "--config.local_crops_number=10", "--config.model.dtype=bfloat16"]
 # --smoke: the main job's config (every code path on the CPU, in seconds).
 SMOKE = ["--config", "configs/default.py", "--config.batch_size=16"]
+JPEGS = "/tmp/dino_jax_bench_jpegs"  # written by the input-pipeline run, read by the trainer run
 
 
 def print_env() -> None:
@@ -77,17 +78,19 @@ def runs(smoke: bool, peak: float) -> list[tuple[str, list[str], int]]:
   torch_step = [sys.executable, "benchmarks/torch_step.py", "--peak_tflops", str(peak)] + steps
   attention = [sys.executable, "benchmarks/attention.py", "--repeats", "5" if smoke else "20",
                "--batch", "32" if smoke else "512"]
-  pipeline = [sys.executable, "benchmarks/input_pipeline.py", "--batches", "5", "--rounds", "1"] + (
+  pipeline = [sys.executable, "benchmarks/input_pipeline.py", "--dir", JPEGS, "--batches", "5",
+              "--rounds", "1"] + (
       ["--workers", "2", "--batch_size", "32", "--images", "400"] if smoke else
       ["--workers", "16", "--batch_size", "256", "--images", "2600"])  # >= 8 batches of JPEGs
   # The trainer end to end, fed by the grain pipeline from the input-pipeline run's JPEGs: the
   # images/s of its last log line (timed from the end of the first step) against the step alone.
+  small = ["--config.data.workers=2", "--config.aug.crops_on_device=False"] if smoke else []
   end_to_end = ["bash", "-c", "rm -rf /tmp/device_suite_e2e && " + " ".join(
       [sys.executable, "-m", "dino_jax.train", "--workdir", "/tmp/device_suite_e2e"] + s +
       [f"--config.model.attention={fast}", "--config.data.source=folder",
-       "--config.data.path=/tmp/dino_jax_bench_jpegs", "--config.eval.after_training=False",
+       f"--config.data.path={JPEGS}", "--config.eval.after_training=False",
        f"--config.total_steps={20 if smoke else 60}", "--config.log_every_steps=10",
-       "--config.checkpoint_every_steps=1000"] + (["--config.data.workers=2", "--config.aug.crops_on_device=False"] if smoke else []))
+       "--config.checkpoint_every_steps=1000"] + small)
       + " && tail -n 1 /tmp/device_suite_e2e/metrics.jsonl"]
   return [
       ("jax vit_s", jax_step + s + [f"--config.model.attention={fast}"], 240),
@@ -164,7 +167,8 @@ def table(records: list[dict]) -> str:
                  f"{fmt(r.get('tflops_per_sec'))} | {mfu} | {fmt(r['peak_memory_gb'], '.2f')}"
                  f" | {fmt(r['peak_memory_gb'] / r['batch_size'], '.3f')} | "
                  f"{fmt(r.get('compile_s'))} |")
-  lines += ["", "| model | JAX / PyTorch images/s | JAX / PyTorch memory per image |", "|---|---|---|"]
+  lines += ["", "| model | JAX / PyTorch images/s | JAX / PyTorch memory per image |",
+            "|---|---|---|"]
   for model in ("vit_s", "vit_b"):
     j, t = res.get(f"jax {model}"), res.get(f"torch {model}")
     if j and t:

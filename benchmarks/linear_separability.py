@@ -7,7 +7,8 @@ epochs). This fits a logistic regression to convergence instead, on the features
 images (the eval transform, as the k-NN uses): each feature standardised on the train split,
 full-batch Adam, an L2 penalty. Two feature sets: the final-LN [CLS] (L2-normalised, the k-NN's)
 and the probe's concatenated [CLS] tokens of the last eval.linear_n_last_blocks blocks; for the
-trained teacher and for the same network at random init. Prints a table and, as its last line, one JSON object.
+trained teacher and for the same network at random init. Prints a table and, as its last line,
+one JSON object.
 """
 import json
 

@@ -44,6 +44,9 @@ for _ in range(calls):
   while malloced() > settled + 2**24:
     assert time.monotonic() < deadline, ("not freed", malloced(), settled)
     time.sleep(0.001)
+# The fewest faults of the calls, not the mean: the kernel may reclaim idle pages of a loaded
+# machine (this VM runs DAMON's kdamond) and any call can then fault some back in; glibc's
+# default faults the temporaries in on every call.
 print(dino_jax.MALLOC_TUNED, min(faults))
 """
 
@@ -82,22 +85,15 @@ def _run(probe: str, malloc: str | None, arg: str = "") -> tuple[bool, float]:
   return out[0] == "True", float(out[1])
 
 
-def _faults_per_call(malloc: str | None) -> tuple[bool, float]:
-  """(MALLOC_TUNED, the fewest page faults of the calls after warm-up). The minimum, not the mean:
-  the kernel may reclaim idle pages of a loaded machine (this VM runs DAMON's kdamond) and any
-  call can then fault some back in; the glibc default faults the temporaries in on every call."""
-  return _run(PROBE, malloc)
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc only")
 def test_large_temporaries_are_not_faulted_in_again_each_call():
   pages = 65536 * 256 * 4 // 4096  # one (65536, 256) float32 temporary, in 4 KiB pages
   # The control: glibc's default maps and unmaps the temporaries, faulting them in each call.
-  tuned, default_faults = _faults_per_call("default")
+  tuned, default_faults = _run(PROBE, "default")
   assert not tuned
   assert default_faults > 0.5 * pages, default_faults
   # Kept in the heap: the calls reuse it; some call of the eight faults (almost) nothing.
-  tuned, faults = _faults_per_call(None)
+  tuned, faults = _run(PROBE, None)
   assert tuned
   assert faults < 0.3 * default_faults, (faults, default_faults)
 

@@ -1,5 +1,5 @@
-"""Issue 9's GPU measurements in one call: dino_jax's step against torch_step.py, MFU, memory,
-the attention forms. Each measurement runs in its own process, most important first, under one
+"""The GPU measurements in one call: dino_jax's step against torch_step.py, MFU, memory, the
+attention forms. Each measurement runs in its own process, most important first, under one
 time budget. Partial results survive a timeout, a crash or an out-of-memory run.
 
 On a lent GPU machine (the `device` tool, from the repository root). That image has jax, flax,
@@ -36,7 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Dense bf16 / fp16 tensor-core TFLOP/s by device name (NVIDIA's data sheets, SXM parts).
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 
-# The issue's GPU configurations: ViT-S/16 and ViT-B/16, 2 x 224 + 10 x 96 crops, K 65536.
+# The GPU configurations compared: ViT-S/16 and ViT-B/16, 2 x 224 + 10 x 96 crops, K 65536.
 VIT_S = ["--config", "configs/vit_small_imagenet.py", "--config.batch_size=256",
          "--config.local_crops_number=10", "--config.model.dtype=bfloat16"]
 VIT_B = ["--config", "configs/vit_base_imagenet.py", "--config.batch_size=128",
@@ -68,8 +68,8 @@ def print_env() -> None:
 
 
 def runs(smoke: bool, peak: float) -> list[tuple[str, list[str], int]]:
-  """(name, command, timeout s) of the measurements, in the order they run: what the issue's
-  targets need first. peak: the device's TFLOP/s, for MFU (0: none)."""
+  """(name, command, timeout s) of the measurements, in the order they run: the step against
+  PyTorch's first. peak: the device's TFLOP/s, for MFU (0: none)."""
   s, b = (SMOKE, SMOKE) if smoke else (VIT_S, VIT_B)
   steps = ["--steps", "2" if smoke else "20"]
   fast = "xla" if smoke else "cudnn"  # cudnn flash attention: GPU only

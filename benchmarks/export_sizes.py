@@ -4,7 +4,7 @@
 
 Without --workdir: a ViT-S/16 workdir with the release's head (K = 65536) whose state is one
 optimizer step in (random weights and gradients: the Adam moments are full, as in a real run).
-For each format: export seconds, bytes on disk, import seconds (import_torch.import_weights: read,
+For each format: export seconds, bytes on disk, import seconds (importing.import_weights: read,
 check, write the workdir), the max |difference| of the parameters after export -> import (0 =
 bitwise), and the max |difference| between PyTorch's [CLS] on the exported file and ours at 224 px
 (timm's VisionTransformer for pth / safetensors / full, transformers.ViTModel for hf; 2 random
@@ -26,9 +26,9 @@ from absl import app, flags
 
 from dino_jax import checkpoint
 from dino_jax import config as config_lib
-from dino_jax import export_torch
-from dino_jax import import_torch
-from dino_jax import train as train_lib
+from dino_jax import optim, schedules
+from dino_jax import state as state_lib
+from dino_jax.convert import exporting, importing
 from dino_jax.models import build_vit
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir to export (default: a fresh ViT-S/16).")
@@ -42,8 +42,9 @@ def make_workdir(path: str):
   """ViT-S/16 + the release's head: its init, then one AdamW step on random gradients (the last
   layer is still frozen, as in the release's first epoch), a random centre."""
   config = config_lib.base_config()  # vit_small/16, out_dim 65536, the release's defaults
-  _, _, tx, _, init = train_lib.make_training(config, 1251, 125100)
-  state = jax.jit(init)(jax.random.PRNGKey(0))
+  fns = schedules.dino_schedules(config, 1251, 125100)
+  tx = optim.make_optimizer(config, fns, 1251)
+  state = jax.jit(state_lib.init_fn(config, tx))(jax.random.PRNGKey(0))
   rng = np.random.default_rng(0)
   grads = jax.tree.map(lambda x: (1e-3 * rng.standard_normal(x.shape)).astype(x.dtype),
                        state.params)
@@ -112,7 +113,7 @@ def main(argv) -> None:
     t = time.perf_counter()
     make_workdir(workdir)
     print(f"made {workdir} in {time.perf_counter() - t:.1f} s")
-  config, state, step = export_torch.load_state(workdir)
+  config, state, step = exporting.load_state(workdir)
   vit = build_vit(config.model.arch, config.model.patch_size)
   x = np.random.default_rng(0).standard_normal((2, 224, 224, 3)).astype(np.float32)
   ours = np.asarray(jax.jit(vit.apply)({"params": state.teacher_params["backbone"]}, x))
@@ -124,12 +125,12 @@ def main(argv) -> None:
                                                           ".safetensors" if fmt == "safetensors"
                                                           else ".pth"))
     t = time.perf_counter()
-    export_torch.export(workdir, path, fmt=fmt, with_head=with_head)
+    exporting.export(workdir, path, fmt=fmt, with_head=with_head)
     export_s = time.perf_counter() - t
     imported = os.path.join(tmp, f"imported_{name}")
     shutil.rmtree(imported, ignore_errors=True)
     t = time.perf_counter()
-    got = import_torch.import_weights(path, imported, config=None if fmt == "full" else config)
+    got = importing.import_weights(path, imported, config=None if fmt == "full" else config)
     import_s = time.perf_counter() - t
     got = jax.tree.map(np.asarray, got)
     if fmt == "full":

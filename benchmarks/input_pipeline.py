@@ -18,7 +18,6 @@
 
 Prints one JSON object as its last line.
 """
-import functools
 import json
 import os
 import random
@@ -32,7 +31,7 @@ from PIL import Image, ImageFilter, ImageOps
 from dino_jax import config as config_lib
 from dino_jax import sharding as sharding_lib
 from dino_jax import train
-from dino_jax.data import augment, pipeline, sources
+from dino_jax.data import augment, pipeline, shapes
 
 _DIR = flags.DEFINE_string("dir", "/tmp/dino_jax_bench_jpegs", "Where the JPEGs are written.")
 _IMAGES = flags.DEFINE_integer("images", 2000, "JPEGs of 500 x 375.")
@@ -185,10 +184,8 @@ def main_job(crops_on_device: bool) -> dict:
   # interleaved so that the load of a shared machine hits both alike.
   mesh = sharding_lib.make_mesh()
   batch_sh = sharding_lib.batch_sharding(mesh)
-  student, teacher, tx, schedules, init = train.make_training(c, steps_per_epoch, c.total_steps)
-  step = jax.jit(functools.partial(train.train_step, student=student, teacher=teacher, tx=tx,
-                                   schedules=schedules, augment=augment.device_augment(c)),
-                 donate_argnums=0)
+  init, update = train.make_step(c, steps_per_epoch, c.total_steps)
+  step = jax.jit(update, donate_argnums=0)
   state = jax.jit(init)(jax.random.PRNGKey(0))
   it = iter(pipeline.train_dataset(c, process_index=0, process_count=1))
   fixed = pipeline.global_batch(next(it), batch_sh)
@@ -230,7 +227,7 @@ def main(argv):
   make_jpegs(_DIR.value, _IMAGES.value)
   result["jpegs"] = f"{_IMAGES.value} of 500x375 in {_DIR.value} ({time.perf_counter() - t:.0f} s)"
 
-  src = sources.ShapesSource(3000, "train")
+  src = shapes.ShapesSource(3000, "train")
   t = time.perf_counter()
   for i in range(3000):
     src[i]

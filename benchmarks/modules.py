@@ -10,8 +10,9 @@ scaled_dot_product_attention).
 Each call is the gradient of sum(out ** 2) with respect to the parameters and (except for the
 backbone's images) the input: a loss that needs the whole forward pass (with sum(out * r), XLA
 dropped the last matmul's forward). The two frameworks' calls alternate (timing.py).
-The default shapes are issue 9's CPU step: 2 x 16 global crops (197 tokens at patch 16, 224 px)
-and 8 x 16 local crops (37 tokens, 96 px). float32; PyTorch at its default thread count.
+The default shapes are those of the CPU comparison step (vit_tiny/16, batch 16): 2 x 16 global
+crops (197 tokens at patch 16, 224 px) and 8 x 16 local crops (37 tokens, 96 px). float32;
+PyTorch at its default thread count.
 
 Prints a table (ms per call and the ratio) and, as its last line, one JSON object
 {"results": [{"module", "shape", "jax_ms", "torch_ms", "ratio"}, ...]}.

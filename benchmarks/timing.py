@@ -1,5 +1,5 @@
 """Timing shared by the benchmarks: calls timed in turn, so that a machine whose speed drifts over
-minutes (this project's CPU VM drifts by 30-50 % within hours) drifts alike for all of them."""
+minutes drifts alike for all of them."""
 import time
 from typing import Any, Callable
 

@@ -4,8 +4,8 @@
       --config.batch_size=16 --config.model.arch=vit_tiny --config.model.dtype=float32 --steps 10
 
 Prints a table and, as its last line, one JSON object: images_per_sec, step_ms (median after
-warm-up), compile_s, flops_per_image (XLA cost analysis of the whole step), mfu (against --peak_tflops
-when given), peak memory (device memory stats on GPU/TPU; process RSS on CPU) and the compiled
+warm-up), compile_s, flops_per_image (XLA cost analysis of the whole step), mfu (against
+--peak_tflops when given), peak memory (device memory stats on GPU/TPU; process RSS on CPU) and the compiled
 step's temporary buffers (XLA memory analysis: activations kept for the backward pass and scratch).
 
 With --ab, each --ab override set is a variant timed against the config in the same process, the
@@ -22,7 +22,6 @@ processes would differ by the machine's drift.
 """
 import collections
 import copy
-import functools
 import glob
 import gzip
 import json
@@ -80,7 +79,7 @@ def compile_step(config, compiler_options: dict | None = None
   metrics, and XLA's figures for the compiled step (compile_s, flops, temp_bytes)."""
   mesh = sharding_lib.make_mesh(config.mesh.data, config.mesh.fsdp)
   batch_sh = sharding_lib.batch_sharding(mesh)
-  student, teacher, tx, schedules, init = train.make_training(config, 100, 10000)
+  init, update = train.make_step(config, 100, 10000, with_augment=_AUGMENT.value)
   abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
   state_sh = sharding_lib.state_shardings(mesh, abstract)
   state = jax.jit(init, out_shardings=state_sh)(jax.random.PRNGKey(0))
@@ -90,16 +89,8 @@ def compile_step(config, compiler_options: dict | None = None
   if config.local_crops_number:
     batch["local"] = rng.integers(0, 256, (b, config.local_crops_number, l, l, 3), np.uint8)
   batch = jax.device_put(batch, batch_sh)
-  augment = None
-  if _AUGMENT.value:
-    from dino_jax.data import augment as augment_lib  # pylint: disable=g-import-not-at-top
-    augment = augment_lib.device_augment(config)
   step = jax.jit(
-      functools.partial(train.train_step, student=student, teacher=teacher, tx=tx,
-                        schedules=schedules, student_temp=config.student_temp,
-                        center_momentum=config.center_momentum,
-                        grad_accum_steps=config.grad_accum_steps, augment=augment),
-      in_shardings=(state_sh, batch_sh, sharding_lib.replicated(mesh)),
+      update, in_shardings=(state_sh, batch_sh, sharding_lib.replicated(mesh)),
       out_shardings=(state_sh, sharding_lib.replicated(mesh)), donate_argnums=0)
   key = jax.random.PRNGKey(1)
 

@@ -1,11 +1,11 @@
-"""The head's weight-normalised last layer: the module against the matrix form it replaced.
+"""The head's weight-normalised last layer: the module against the matrix form W = g V / ||V||.
 
   python benchmarks/weight_norm.py [--rows 16 --rows 32 ...] [--bottleneck 256] [--out_dim 65536]
 
 Times dino_jax.models.head.WeightNormDense, which computes (x V) * g / ||V||, against x W with
-W = g V / ||V|| built inside the matmul's operand (dino_jax before 2026-12-06), forward and
-forward + backward (gradients w.r.t. x, V and g), for each row count: the teacher sees 2 rows per
-image, the student 2 + the local crops. The forms are called in turn.
+W built inside the matmul's operand, forward and forward + backward (gradients w.r.t. x, V and
+g), for each row count: the teacher sees 2 rows per image, the student 2 + the local crops. The
+forms are called in turn.
 Prints a table and, as its last line, one JSON object {form: {rows: {"fwd": ms, "grad": ms}}}.
 """
 import json

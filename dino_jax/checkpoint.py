@@ -2,7 +2,8 @@
 
 A workdir holds config.json and checkpoints/<step>/{state, data}. Every process calls save/restore
 (orbax writes each process's shards); restoring into an abstract state with shardings lays the
-arrays out on the current mesh, whatever mesh wrote them.
+arrays out on the current mesh, whatever mesh wrote them. The linear probe keeps its own
+(`probe_manager`) in eval/linear_checkpoints_<which>/<epoch>/{state, history}.
 """
 from __future__ import annotations
 
@@ -22,9 +23,8 @@ from dino_jax import config as config_lib
 def absolute(path: str) -> epath.Path:
   """A local path made absolute (URIs such as gs://bucket/dir stay as they are).
 
-  orbax's array writer rejects a relative directory, and only from its background thread: the
-  save fails silently and the error surfaces at the next save, so a run started with
-  `--workdir workdirs/default` (the README's command) lost every checkpoint and stopped there.
+  orbax's array writer rejects a relative directory, and only from its background thread,
+  where the error surfaces at the next save.
   """
   return epath.Path(path if "://" in str(path) else os.path.abspath(path))
 
@@ -45,6 +45,14 @@ def manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.Checkpo
       absolute(workdir) / "checkpoints", options=options, item_names=("state", "data"),
       item_handlers={"state": ocp.StandardCheckpointHandler(),
                      "data": grain.checkpoint.CheckpointHandler()})
+
+
+def probe_manager(directory: str, keep: int = 2) -> ocp.CheckpointManager:
+  """The linear probe's CheckpointManager on `directory`: items 'state' (its classifier and
+  optimizer) and 'history' (JSON, its per-epoch rows), one step per epoch, the last `keep` kept."""
+  return ocp.CheckpointManager(absolute(directory),
+                               options=ocp.CheckpointManagerOptions(max_to_keep=keep),
+                               item_names=("state", "history"))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iter: Any = None) -> None:

@@ -116,7 +116,8 @@ def base_config() -> mlc.ConfigDict:
   c.aug.blur_prob = (1.0, 0.1, 0.5)  # global crop 1, global crop 2, local crops
   c.aug.blur_sigma = (0.1, 2.0)
   c.aug.solarize_prob = (0.0, 0.2, 0.0)
-  c.aug.invert_prob = 0.0  # not in the release: x -> 1 - x per crop (measured on shapes: see default.py)
+  # Not in the release: x -> 1 - x per crop (docs/notes/main_job.md, "Tried and not kept").
+  c.aug.invert_prob = 0.0
   # Where the RandomResizedCrops are resampled: False, on the host (PIL); True, on the device
   # inside the step (the host only draws the boxes), for sources of one image size (shapes).
   c.aug.crops_on_device = False
@@ -161,10 +162,17 @@ def imagenet(arg: str | None = None) -> mlc.ConfigDict:
 
 
 def steps(config: mlc.ConfigDict, num_train_images: int) -> tuple[int, int]:
-  """(steps_per_epoch, total_steps): the one place epochs become steps."""
+  """(steps_per_epoch, total_steps) of a training run on num_train_images images."""
   per_epoch = config.steps_per_epoch or num_train_images // config.batch_size
-  total = config.total_steps if config.total_steps > 0 else config.epochs * per_epoch
+  total = (config.total_steps if config.total_steps > 0 else
+           epochs_to_steps(config.epochs, per_epoch))
   return per_epoch, total
+
+
+def epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
+  """The steps of `epochs` (fractions allowed), to the nearest step: every epoch-valued key
+  (epochs, warmup_epochs, freeze_last_layer, ...) becomes steps here."""
+  return int(round(epochs * steps_per_epoch))
 
 
 def validate(config: mlc.ConfigDict, num_devices: int | None = None) -> None:

@@ -12,10 +12,10 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from dino_jax import train as train_lib
-from dino_jax.evaluate import features, report
+from dino_jax import cli
+from dino_jax.evaluate import features, report, scores
 
 
 def _define_flags() -> None:
@@ -35,7 +35,7 @@ def _nb_knn_values(argv: list[str]) -> list[int]:
 
 
 def main(argv) -> None:
-  train_lib.quiet_library_logs()  # orbax logs every step it restores or saves
+  cli.quiet_library_logs()
   f = flags.FLAGS
   extra = [a for a in argv[1:] if not a.isdigit()]
   if extra:
@@ -50,7 +50,7 @@ def main(argv) -> None:
     config.eval.batch_size = f.batch_size
   logging.info("k-NN of the %s at step %d: k %s, T %g", f.which, step, ks, temperature)
   try:
-    results, speed = report.evaluate(config, backbone, {f.which: params}, ks=ks,
+    results, speed = scores.evaluate(config, backbone, {f.which: params}, ks=ks,
                                      temperature=temperature, with_attention=False)
   except ValueError as e:
     sys.exit(f"eval_knn: {e}")
@@ -60,9 +60,9 @@ def main(argv) -> None:
   report.write_json(os.path.join(f.workdir, "eval", name), results[f.which]["knn"])
   print(f"k-NN, {f.which} at step {step}, T {temperature} (features: "
         f"{speed['train_features_per_sec']:.0f} images/s)")
-  print(report.format_table(results))
+  print(scores.format_table(results))
 
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)

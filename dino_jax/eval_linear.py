@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from dino_jax import checkpoint
-from dino_jax import train as train_lib
+from dino_jax import cli
 from dino_jax.evaluate import linear
 
 # flag name -> config.eval key
@@ -40,7 +40,7 @@ def _define_flags() -> None:
 
 def main(argv) -> None:
   del argv
-  train_lib.quiet_library_logs()  # orbax logs every step it restores or saves
+  cli.quiet_library_logs()
   f = flags.FLAGS
   try:
     config = checkpoint.load_config(f.workdir)
@@ -62,4 +62,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)

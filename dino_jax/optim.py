@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dino_jax import config as config_lib
 from dino_jax import schedules as schedules_lib
 
 
@@ -82,15 +83,15 @@ def dino_optimizer(*, learning_rate, weight_decay, clip_grad: float = 3.0,
   return optax.inject_hyperparams(make)(learning_rate=learning_rate, weight_decay=weight_decay)
 
 
-def make_optimizer(config, steps_per_epoch: int, total_steps: int
-                   ) -> tuple[optax.GradientTransformation, dict[str, schedules_lib.Schedule]]:
-  """(tx, schedules) from a training config; schedules holds lr, wd, momentum, teacher_temp."""
+def make_optimizer(config, schedules: dict[str, schedules_lib.Schedule], steps_per_epoch: int
+                   ) -> optax.GradientTransformation:
+  """The chain of a training config, its lr and wd following schedules['lr'] and ['wd']
+  (schedules.dino_schedules)."""
   if config.optimizer != "adamw":
     raise ValueError(f"config.optimizer={config.optimizer!r}: only 'adamw' (the ViT recipe) is "
                      "implemented; SGD / LARS belong to the release's ResNet recipe")
-  fns = schedules_lib.dino_schedules(config, steps_per_epoch, total_steps)
-  tx = dino_optimizer(
-      learning_rate=fns["lr"], weight_decay=fns["wd"], clip_grad=config.clip_grad,
-      freeze_last_layer_steps=int(config.freeze_last_layer * steps_per_epoch),
+  return dino_optimizer(
+      learning_rate=schedules["lr"], weight_decay=schedules["wd"], clip_grad=config.clip_grad,
+      freeze_last_layer_steps=config_lib.epochs_to_steps(config.freeze_last_layer,
+                                                         steps_per_epoch),
       norm_last_layer=config.model.norm_last_layer)
-  return tx, fns

@@ -9,6 +9,8 @@ from typing import Callable
 
 import jax.numpy as jnp
 
+from dino_jax import config as config_lib
+
 Schedule = Callable[[int], "jnp.ndarray"]
 
 
@@ -31,7 +33,8 @@ def warmup_cosine(base: float, final: float, total_steps: int, warmup_steps: int
     i = jnp.maximum(step - warmup_steps, 0)
     # final + 0.5 (base - final) (1 + cos(pi i / n)), written as a positive term added to the
     # smaller end (1 + cos(pi i / n) = 2 sin^2 a, 1 - cos(pi i / n) = 2 cos^2 a): the plain form
-    # cancels in float32 (lr near min_lr was off by 3e-5 relative); this stays within a few ulps.
+    # cancels in float32 near the smaller end; this stays within a few ulps
+    # (docs/notes/training.md, "Cosine schedules in float32").
     a = jnp.pi * (n - i) / (2 * max(n, 1))
     if base >= final:
       cos = final + (base - final) * jnp.sin(a) ** 2
@@ -60,10 +63,10 @@ def dino_schedules(config, steps_per_epoch: int, total_steps: int) -> dict[str, 
   lr = config.lr * global batch / 256 (linear scaling), warm-up over warmup_epochs, cosine to
   min_lr; wd cosine weight_decay -> weight_decay_end; teacher momentum cosine momentum_teacher ->
   momentum_teacher_end (1 in the release);
-  teacher temperature warmed over warmup_teacher_temp_epochs. Epoch-valued keys may be fractional
-  (the short CPU demo warms up over part of a step budget); they are turned into steps here only.
+  teacher temperature warmed over warmup_teacher_temp_epochs (whole epochs, as the release).
+  warmup_epochs may be fractional (the short CPU demo warms up over part of an epoch).
   """
-  warmup = int(round(config.warmup_epochs * steps_per_epoch))
+  warmup = config_lib.epochs_to_steps(config.warmup_epochs, steps_per_epoch)
   return {
       "lr": warmup_cosine(config.lr * config.batch_size / 256.0, config.min_lr, total_steps,
                           min(warmup, total_steps)),

@@ -4,13 +4,19 @@ Shapes: K head outputs. Params are {'backbone': ..., 'head': ...} (dino_jax.mode
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import functools
+from typing import Any, Callable, Sequence
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections as mlc
 import optax
+
+from dino_jax import optim
+from dino_jax import schedules as schedules_lib
+from dino_jax.models import build_models, crop_shapes, init_variables
 
 
 @flax.struct.dataclass
@@ -28,11 +34,10 @@ def create_train_state(rng: jax.Array, student: nn.Module, tx: optax.GradientTra
                        crop_shapes: Sequence[Sequence[int]], out_dim: int) -> TrainState:
   """Initialises the student; the teacher starts as an exact copy, the centre at zero.
 
-  crop_shapes: one (n_i, H_i, W_i, 3) per crop resolution; a single image of each is traced.
+  crop_shapes: one (n_i, H_i, W_i, 3) per crop resolution (models.crop_shapes).
   Jit this with out_shardings to build the state directly sharded.
   """
-  crops = [jnp.zeros((1,) + tuple(s), jnp.float32) for s in crop_shapes]
-  variables = student.init({"params": rng, "drop_path": rng}, crops)
+  variables = init_variables(student, rng, crop_shapes)
   params = variables["params"]
   batch_stats = variables.get("batch_stats", {})
   return TrainState(
@@ -44,6 +49,33 @@ def create_train_state(rng: jax.Array, student: nn.Module, tx: optax.GradientTra
       batch_stats=batch_stats,
       teacher_batch_stats=jax.tree.map(jnp.copy, batch_stats),
   )
+
+
+def seed_rngs(seed: int) -> tuple[jax.Array, jax.Array]:
+  """(init_rng, step_rng) of a run: the student's init, and the base key of every step."""
+  init_rng, step_rng = jax.random.split(jax.random.PRNGKey(seed))
+  return init_rng, step_rng
+
+
+def init_fn(config: mlc.ConfigDict, tx: optax.GradientTransformation | None = None
+            ) -> Callable[[jax.Array], TrainState]:
+  """init(rng) -> the fresh TrainState of config's student with tx's optimizer state.
+
+  tx None: the optimizer of a one-step run. Its state has the structure, shapes and dtypes of
+  any run's (they do not depend on the schedules), which is all that restoring a checkpoint,
+  importing weights or reading the initial params needs.
+  """
+  if tx is None:
+    tx = optim.make_optimizer(config, schedules_lib.dino_schedules(config, 1, 1), 1)
+  student, _ = build_models(config)
+  return functools.partial(create_train_state, student=student, tx=tx,
+                           crop_shapes=crop_shapes(config), out_dim=config.out_dim)
+
+
+def abstract_state(config: mlc.ConfigDict) -> TrainState:
+  """Structure, shapes and dtypes (jax.ShapeDtypeStruct leaves) of config's TrainState: what
+  its checkpoints hold."""
+  return jax.eval_shape(init_fn(config), jax.random.PRNGKey(0))
 
 
 def update_teacher(teacher_params: Any, student_params: Any, momentum: jax.Array) -> Any:

@@ -5,10 +5,7 @@ Shapes: B global batch, G = 2 global crops, L local crops, K head outputs.
 from __future__ import annotations
 
 import functools
-import json
-import logging as py_logging
 import math
-import os
 import signal
 import sys
 import threading
@@ -19,66 +16,22 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from dino_jax import checkpoint
+from dino_jax import cli
 from dino_jax import config as config_lib
 from dino_jax import losses
+from dino_jax import metrics as metrics_lib
 from dino_jax import optim
+from dino_jax import schedules as schedules_lib
 from dino_jax import sharding as sharding_lib
 from dino_jax import state as state_lib
 from dino_jax.data import augment as augment_lib
 from dino_jax.data import pipeline
-from dino_jax.models import DINOHead, MultiCropWrapper, build_vit
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-# ----------------------------------------------------------------------------------------------
-# Models.
-# ----------------------------------------------------------------------------------------------
-def build_models(config) -> tuple[MultiCropWrapper, MultiCropWrapper]:
-  """(student, teacher): same architecture; only the student has drop path."""
-  m = config.model
-  dtype = jnp.dtype(m.dtype)
-  sizes = {k: m[k] for k in ("embed_dim", "depth", "num_heads") if m[k] > 0}
-  vit_kw = dict(img_size=m.img_size or config.global_crops_size, dtype=dtype,
-                attention=m.attention, remat=m.remat, **sizes)
-
-  def wrapper(drop_path_rate):
-    backbone = build_vit(m.arch, m.patch_size, drop_path_rate=drop_path_rate, **vit_kw)
-    # The head computes in float32 whatever the backbone's dtype: in bf16 the teacher's
-    # probabilities at temperature 0.04 were up to 4.7% off (fp16, the release's: 0.6%), for
-    # about 1% of the FLOPs of ViT-S/16.
-    head = DINOHead(config.out_dim, use_bn=m.use_bn_in_head, norm_last_layer=m.norm_last_layer,
-                    nlayers=m.head_nlayers, hidden_dim=m.head_hidden_dim,
-                    bottleneck_dim=m.head_bottleneck_dim, dtype=jnp.float32)
-    return MultiCropWrapper(backbone, head)
-
-  return wrapper(m.drop_path_rate), wrapper(0.0)
-
-
-def make_training(config, steps_per_epoch: int, total_steps: int):
-  """(student, teacher, tx, schedules, init): init(rng) -> a fresh TrainState (jit it with
-  out_shardings to create it sharded). The optimizer state's structure does not depend on the
-  step counts, so any (1, 1) gives the right shapes for a checkpoint that training will resume."""
-  student, teacher = build_models(config)
-  tx, schedules = optim.make_optimizer(config, steps_per_epoch, total_steps)
-  g, l = config.global_crops_size, config.local_crops_size
-  crop_shapes = [(2, g, g, 3)] + ([(config.local_crops_number, l, l, 3)]
-                                  if config.local_crops_number else [])
-  init = functools.partial(state_lib.create_train_state, student=student, tx=tx,
-                           crop_shapes=crop_shapes, out_dim=config.out_dim)
-  return student, teacher, tx, schedules, init
-
-
-def normalize(images: jax.Array) -> jax.Array:
-  """uint8 or [0, 1] float (..., 3) -> ImageNet-normalised float32."""
-  if images.dtype == jnp.uint8:
-    images = images.astype(jnp.float32) / 255.0
-  return (images - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+from dino_jax.evaluate import report
+from dino_jax.models import build_models
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,9 +44,9 @@ def _micro_step(params, state: state_lib.TrainState, batch: dict[str, jax.Array]
   aug_rng, drop_rng = jax.random.split(rng)
   if augment is not None:
     batch = augment(aug_rng, batch)
-  crops = [normalize(batch["global"])]  # (B, G, H, W, 3)
+  crops = [augment_lib.normalize(batch["global"])]  # (B, G, H, W, 3)
   if "local" in batch:
-    crops.append(normalize(batch["local"]))  # (B, L, h, w, 3)
+    crops.append(augment_lib.normalize(batch["local"]))  # (B, L, h, w, 3)
   n_global = crops[0].shape[1]
 
   t_logits, t_vars = teacher.apply(
@@ -199,6 +152,22 @@ def train_step(state: state_lib.TrainState, batch: dict[str, jax.Array], rng: ja
   return new_state, metrics
 
 
+def make_step(config, steps_per_epoch: int, total_steps: int, *, with_augment: bool = True
+              ) -> tuple[Callable[[jax.Array], state_lib.TrainState], Callable]:
+  """(init, step) of a training config: init(rng) -> a fresh TrainState; step(state, batch, rng)
+  -> (state, metrics), train_step with this config's models, optimizer, schedules and on-device
+  augmentation (without it with_augment=False). Jit both with the mesh's shardings."""
+  student, teacher = build_models(config)
+  schedules = schedules_lib.dino_schedules(config, steps_per_epoch, total_steps)
+  tx = optim.make_optimizer(config, schedules, steps_per_epoch)
+  step = functools.partial(
+      train_step, student=student, teacher=teacher, tx=tx, schedules=schedules,
+      student_temp=config.student_temp, center_momentum=config.center_momentum,
+      grad_accum_steps=config.grad_accum_steps,
+      augment=augment_lib.device_augment(config) if with_augment else None)
+  return state_lib.init_fn(config, tx), step
+
+
 # ----------------------------------------------------------------------------------------------
 # The loop.
 # ----------------------------------------------------------------------------------------------
@@ -219,19 +188,6 @@ class _Preemption:
     if jax.process_count() > 1:
       return mngr.reached_preemption(step)
     return self.requested
-
-
-class _OwnInfoOnly(py_logging.Filter):
-  """INFO lines from dino_jax only; other libraries' (orbax logs every save step) from WARNING."""
-
-  def filter(self, record):
-    return record.levelno >= py_logging.WARNING or f"{os.sep}dino_jax{os.sep}" in record.pathname
-
-
-def quiet_library_logs() -> None:
-  handler = logging.get_absl_handler()
-  if not any(isinstance(f, _OwnInfoOnly) for f in handler.filters):
-    handler.addFilter(_OwnInfoOnly())
 
 
 def _collapse_warning(metrics: dict[str, float], out_dim: int) -> str | None:
@@ -259,7 +215,7 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
   # -- Checks, before anything compiles. -------------------------------------------------------
   config_lib.validate(config, jax.device_count())
   pipeline.validate(config)
-  quiet_library_logs()
+  cli.quiet_library_logs()
   is_main = jax.process_index() == 0
   if is_main:
     checkpoint.save_config(workdir, config)
@@ -276,11 +232,10 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
   num_images = pipeline.num_examples(config, config.data.train_split)
   steps_per_epoch, total_steps = config_lib.steps(config, num_images)
   data_iter = iter(train_ds)
-  augment = augment_lib.device_augment(config)
 
   # -- Model, optimizer, state shapes and shardings. -------------------------------------------
-  student, teacher, tx, schedules, init = make_training(config, steps_per_epoch, total_steps)
-  init_rng, step_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+  init, update = make_step(config, steps_per_epoch, total_steps)
+  init_rng, step_rng = state_lib.seed_rngs(config.seed)
   step_rng = jax.device_put(step_rng, repl)
   abstract = jax.eval_shape(init, init_rng)
   state_sh = sharding_lib.state_shardings(mesh, abstract)
@@ -305,22 +260,14 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
       random_init = jax.device_get(state.params["backbone"])
     if config.init_from:
       state = _init_from(state, config.init_from, state_sh)
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
-  if is_main:
-    for path in (metrics_path, os.path.join(workdir, "eval", "progress.jsonl")):
-      _truncate_metrics(path, start_step)
+  writer = metrics_lib.Writer(workdir, start_step)
 
   # -- The jitted step. --------------------------------------------------------------------------
   step_fn = jax.jit(
-      functools.partial(train_step, student=student, teacher=teacher, tx=tx, schedules=schedules,
-                        student_temp=config.student_temp, center_momentum=config.center_momentum,
-                        grad_accum_steps=config.grad_accum_steps, augment=augment),
-      in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl),
+      update, in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl),
       donate_argnums=0)
 
   # -- Loop. -------------------------------------------------------------------------------------
-  import tensorboardX  # pylint: disable=g-import-not-at-top  (it imports torch: seconds)
-  writer = tensorboardX.SummaryWriter(workdir) if is_main else None
   preempted = _Preemption()
   pending = []  # per-step losses since the last check: no NaN may reach a checkpoint
   collapse_streak = 0
@@ -329,8 +276,8 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
   # On CPU one step at a time: the next batch is made while a step runs, then the loop waits for
   # that step before dispatching the next. XLA:CPU mallocs each step's temporaries, and a step
   # queued behind another starts before the other's are freed, so the heap (never trimmed:
-  # dino_jax/__init__.py) grew by a set of temporaries at a time: ViT-Tiny/16 at batch 16 peaked
-  # at 17.2 GiB dispatching freely, 9.7 GiB so, at the same speed (benchmarks/RESULTS.md).
+  # dino_jax/__init__.py) would grow by a set of temporaries at a time, for no gain in speed
+  # (docs/notes/training.md, "One step at a time on CPU").
   # Accelerators keep asynchronous dispatch: their allocators order a free before the next use.
   one_at_a_time = jax.default_backend() == "cpu"
   try:
@@ -366,11 +313,8 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
           ips = (step - t0_step) * config.batch_size / elapsed if elapsed > 0 else float("nan")
           eta = (total_steps - step) * elapsed / max(step - t0_step, 1)
           row = {"step": step, "epoch": step / steps_per_epoch, **m, "images_per_sec": ips}
-          with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-          for k, v in row.items():
-            if k != "step":
-              writer.add_scalar(f"train/{k}", v, step)
+          writer.append(metrics_lib.TRAIN_LOG, row)
+          writer.scalars("train", {k: v for k, v in row.items() if k != "step"}, step)
           logging.info(
               "step %d/%d (epoch %.1f) loss %.4f | teacher entropy %.3f, batch-mean %.3f, kl %.3f "
               "| lr %.2e wd %.3f m %.4f tt %.3f | %.0f img/s ETA %s", step, total_steps,
@@ -382,7 +326,9 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
             logging.warning("COLLAPSE: %s", warning)
         if config.eval.every_steps and step % config.eval.every_steps == 0:
           t_eval = time.time()
-          _evaluate_during_training(config, teacher.backbone, state, step, mesh, workdir, writer)
+          report.during_training(config, build_models(config)[1].backbone,
+                                 state.teacher_params["backbone"],
+                                 step, mesh, writer)
           t0 += time.time() - t_eval  # images/s and ETA count training only
         if save_now or stop:
           checkpoint.save(mngr, step, state, data_iter)
@@ -393,55 +339,10 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
     mngr.wait_until_finished()
     mngr.close()
     data_iter.close()  # stops grain's worker processes and frees their shared memory
-    if writer is not None:
-      writer.close()
+    writer.close()
   if step == total_steps and config.eval.after_training:
-    from dino_jax.evaluate import report  # pylint: disable=g-import-not-at-top  (imports train)
     report.run(config, workdir, random_init=random_init)
   return state
-
-
-def _evaluate_during_training(config, backbone: nn.Module, state: state_lib.TrainState, step: int,
-                              mesh, workdir: str, writer) -> None:
-  """The teacher's k-NN top-1 (and attention scores, where the data has object masks) at this
-  step: one row of eval/progress.jsonl {"step", "knn_top1": {k: %}, "jaccard", "jaccard_head_mean",
-  "mass_on_object"}, its plot eval/progress.png, TensorBoard scalars eval/..., and a log line."""
-  from dino_jax.evaluate import report  # pylint: disable=g-import-not-at-top  (imports train)
-  e = config.eval
-  results, _ = report.evaluate(config, backbone, {"teacher": state.teacher_params["backbone"]},
-                               ks=e.nb_knn, temperature=e.knn_temperature, mesh=mesh)
-  res = results["teacher"]
-  row = {"step": step}
-  if "knn" in res:
-    row["knn_top1"] = res["knn"]["top1"]
-  if "attention" in res:
-    row.update({k: res["attention"][k] for k in ("jaccard", "jaccard_head_mean",
-                                                  "mass_on_object")})
-  if jax.process_index() != 0:
-    return
-  path = os.path.join(workdir, "eval", "progress.jsonl")
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "a") as f:
-    f.write(json.dumps(row) + "\n")
-  with open(path) as f:
-    report.plot_progress([json.loads(line) for line in f if line.strip()],
-                         os.path.join(workdir, "eval", "progress.png"))
-  scalars = {f"knn{k}_top1": v for k, v in row.get("knn_top1", {}).items()}
-  scalars.update({k: v for k, v in row.items() if k not in ("step", "knn_top1")})
-  for k, v in scalars.items():
-    writer.add_scalar(f"eval/{k}", v, step)
-  logging.info("evaluation at step %d: %s", step, ", ".join(
-      f"{k} {v:.1f}" if k.startswith("knn") else f"{k} {v:.3f}" for k, v in scalars.items()))
-
-
-def _truncate_metrics(path: str, step: int) -> None:
-  """Drops metrics rows past the checkpoint being resumed (they will be logged again)."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    rows = [r for r in f if r.strip() and json.loads(r)["step"] <= step]
-  with open(path, "w") as f:
-    f.writelines(rows)
 
 
 def _init_from(state: state_lib.TrainState, workdir: str, state_sh) -> state_lib.TrainState:
@@ -474,20 +375,14 @@ def _define_flags():
                                   "override keys with --config.KEY=VALUE.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Checkpoints, metrics and evaluations go here; rerunning "
                       "the same command resumes from its latest checkpoint.")
-  flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (TPU pods, SLURM, "
-                    "multi-GPU hosts: the same command on every host).")
-  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (implies "
-                      "--distributed; needs --num_processes and --process_id).")
-  flags.DEFINE_integer("num_processes", None, "Processes in a --coordinator_address launch.")
-  flags.DEFINE_integer("process_id", None, "This process's index in that launch.")
+  cli.define_distributed_flags()
   flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv) -> None:
   del argv
   f = flags.FLAGS
-  if f.coordinator_address or f.distributed:
-    jax.distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
+  cli.initialize_distributed()
   try:  # bad config values and data paths: one clear line, before anything compiles
     config_lib.validate(f.config, jax.device_count())
     pipeline.validate(f.config)
@@ -496,18 +391,6 @@ def main(argv) -> None:
   train_and_evaluate(f.config, f.workdir)
 
 
-def run_cli(main_fn) -> None:
-  """app.run, with a misspelt --config.KEY reported in one line (exit code 2), not a traceback."""
-  try:
-    app.run(main_fn)
-  except (KeyError, AttributeError) as e:
-    msg = str(e).strip("'\"").replace("\\n", " ").replace("\n", " ")
-    if "Did you mean" not in msg and "does not exist" not in msg:
-      raise
-    print(f"error: unknown config key {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
 if __name__ == "__main__":
   _define_flags()
-  run_cli(main)
+  cli.run(main)

@@ -7,8 +7,8 @@
   python -m dino_jax.visualize_attention --workdir DIR --output OUTDIR [--threshold 0.6]
 
 --weights: a backbone state_dict (the release's published files), a MultiCropWrapper state_dict or
-the release's full checkpoint (its --which network), read by import_torch.load_backbone in memory
-(no workdir is written). As the release: --image_size 480
+the release's full checkpoint (its --which network), read by convert.importing.load_backbone
+in memory (no workdir is written). As the release: --image_size 480
 (one value) resizes the shorter side, two values give height and width (default 480 480); the
 image is then cut to a multiple of the patch size. OUTDIR gets img.png, attn-head{j}.png,
 mask_th{threshold}_head{j}.png and attention.png (the grid: image, each head's map, each mask).
@@ -26,11 +26,11 @@ from typing import Any
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from dino_jax import attention
-from dino_jax import train as train_lib
-from dino_jax.evaluate import features, report
+from dino_jax import cli
+from dino_jax.convert import importing
+from dino_jax.evaluate import attention_maps, features, plots, report, scores
 from dino_jax.models import VisionTransformer
 
 
@@ -53,7 +53,7 @@ def _define_flags() -> None:
 
 def maps_for_image(backbone: VisionTransformer, params: Any, image: np.ndarray) -> np.ndarray:
   """uint8 (H, W, 3) -> the [CLS] attention maps (heads, H / p, W / p)."""
-  fn = jax.jit(attention.cls_attention, static_argnums=0)
+  fn = jax.jit(attention_maps.cls_attention, static_argnums=0)
   return np.asarray(fn(backbone, params, image[None]))[0]
 
 
@@ -64,20 +64,20 @@ def split_scores(workdir: str, which: str, output: str, threshold: float) -> Non
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"visualize_attention: {e}")
   config.eval.attention_threshold = threshold
-  results, _ = report.evaluate(config, backbone, {which: params}, ks=None)
+  results, _ = scores.evaluate(config, backbone, {which: params}, ks=None)
   if "attention" not in results[which]:
     sys.exit(f"visualize_attention: the eval split of {workdir} has no object masks; give --image")
   name = "attention.json" if which == "teacher" else "attention_student.json"
   report.write_json(os.path.join(workdir, "eval", name), results[which]["attention"])
-  report.plot_examples(config, results[which]["maps"], backbone.patch_size,
+  plots.plot_examples(config, results[which]["maps"], backbone.patch_size,
                        os.path.join(output, "attention.png"))
   print(f"attention of the {which} at step {step} on the eval split (threshold {threshold})")
-  print(report.format_table(results))
+  print(scores.format_table(results))
 
 
 def main(argv) -> None:
   del argv
-  train_lib.quiet_library_logs()  # orbax logs every step it restores or saves
+  cli.quiet_library_logs()
   f = flags.FLAGS
   if (f.workdir is None) == (f.weights is None):
     sys.exit("visualize_attention: give exactly one of --workdir and --weights")
@@ -91,21 +91,20 @@ def main(argv) -> None:
     if len(size) not in (1, 2):
       raise ValueError(f"--image_size {f.image_size}: one or two values")
     if f.weights is not None:
-      from dino_jax import import_torch  # pylint: disable=g-import-not-at-top (needs torch)
-      _, backbone, params = import_torch.load_backbone(f.weights, f.which, arch=f.arch,
-                                                       patch_size=f.patch_size)
+      _, backbone, params = importing.load_backbone(f.weights, f.which, arch=f.arch,
+                                                    patch_size=f.patch_size)
       source = f.weights
     else:
       _, backbone, params, step = features.load_backbone(f.workdir, f.which)
       source = f"{f.which} at step {step}"
-    image = attention.load_image(f.image, size, backbone.patch_size)
+    image = attention_maps.load_image(f.image, size, backbone.patch_size)
   except (ValueError, FileNotFoundError, OSError) as e:
     sys.exit(f"visualize_attention: {e}")
   maps = maps_for_image(backbone, params, image)
-  paths = attention.save_heads(f.output, image, maps, backbone.patch_size, f.threshold)
+  paths = plots.save_heads(f.output, image, maps, backbone.patch_size, f.threshold)
   grid = os.path.join(f.output, "attention.png")
-  attention.plot_grid(grid, image[None], maps[None], backbone.patch_size, f.threshold)
-  masks = np.asarray(attention.mass_masks(maps, f.threshold))
+  plots.plot_grid(grid, image[None], maps[None], backbone.patch_size, f.threshold)
+  masks = np.asarray(attention_maps.mass_masks(maps, f.threshold))
   print(f"{f.image}: {image.shape[0]}x{image.shape[1]} px, {maps.shape[0]} heads on a "
         f"{maps.shape[1]}x{maps.shape[2]} patch grid ({source})")
   print(f"{'head':>4}  {'mask patches':>12}  {'peak share':>10}")
@@ -116,4 +115,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.run(main)

@@ -14,8 +14,10 @@ import torch
 from torch import nn
 
 from dino_jax import convert
+from dino_jax.convert.hf import release_to_hf
 import release
 from dino_jax.models import DINOHead, build_vit
+from helpers import assert_trees_close
 
 timm_vit = pytest.importorskip("timm.models.vision_transformer")
 
@@ -40,22 +42,13 @@ def flax_backbone(seed=0, **kw):
                              shapes["params"])
 
 
-def assert_trees_equal(a, b):
-  """Same structure, dtypes and bits."""
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    x, y = np.asarray(x), np.asarray(y)
-    assert x.dtype == y.dtype and x.shape == y.shape
-    np.testing.assert_array_equal(x, y)
-
-
 def test_backbone_round_trips_are_bitwise_and_load_strictly_into_timm():
   _, params = flax_backbone()
   sd = convert.flax_to_torch(params)
   model = timm_model()
   assert list(sd) == list(model.state_dict())  # the release's / timm's names, in their order
   model.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
-  assert_trees_equal(convert.torch_to_flax(sd), params)
+  assert_trees_close(convert.torch_to_flax(sd), params)
   # torch -> flax -> torch, from torch tensors.
   tsd = model.state_dict()
   back = convert.flax_to_torch(convert.torch_to_flax(tsd))
@@ -124,7 +117,7 @@ def test_parametrized_weight_norm_names():
   new.load_state_dict({k.replace("weight_g", "parametrizations.weight.original0").replace(
       "weight_v", "parametrizations.weight.original1"): v for k, v in old.state_dict().items()})
   assert "last_layer.parametrizations.weight.original1" in new.state_dict()
-  assert_trees_equal(convert.torch_to_flax(new.state_dict()), convert.torch_to_flax(
+  assert_trees_close(convert.torch_to_flax(new.state_dict()), convert.torch_to_flax(
       old.state_dict()))
 
 
@@ -139,28 +132,29 @@ def test_prefixes_and_wrapper_state_dicts():
   student = convert.flax_to_torch(wrapper, prefix="module.")  # the release's student
   assert next(iter(student)) == "module.backbone.cls_token"
   assert "module.head.last_layer.weight_v" in student
-  assert_trees_equal(convert.torch_to_flax(student), wrapper)
-  assert_trees_equal(convert.torch_to_flax(student, prefix="module.backbone."), backbone)
-  assert_trees_equal(convert.torch_to_flax(student, prefix="module.head."), hp)
+  assert_trees_close(convert.torch_to_flax(student), wrapper)
+  assert_trees_close(convert.torch_to_flax(student, prefix="module.backbone."), backbone)
+  assert_trees_close(convert.torch_to_flax(student, prefix="module.head."), hp)
   only_backbone = {k: v for k, v in student.items() if ".backbone." in k}
-  assert_trees_equal(convert.torch_to_flax(only_backbone), backbone)
+  assert_trees_close(convert.torch_to_flax(only_backbone), backbone)
   compiled = {"_orig_mod." + k: v for k, v in convert.flax_to_torch(backbone).items()}
-  assert_trees_equal(convert.torch_to_flax(compiled), backbone)
+  assert_trees_close(convert.torch_to_flax(compiled), backbone)
 
 
 def test_transformers_names_round_trip():
   _, params = flax_backbone()
   sd = convert.flax_to_torch(params)
-  hf = convert.release_to_hf(sd)
+  hf = release_to_hf(sd)
   assert "encoder.layer.1.attention.attention.query.weight" in hf
   np.testing.assert_array_equal(hf["encoder.layer.0.attention.attention.key.bias"],
                                 sd["blocks.0.attn.qkv.bias"][48:96])
-  assert_trees_equal(convert.torch_to_flax(hf), params)
-  assert_trees_equal(convert.torch_to_flax({"vit." + k: v for k, v in hf.items()}), params)
+  assert_trees_close(convert.torch_to_flax(hf), params)
+  assert_trees_close(convert.torch_to_flax({"vit." + k: v for k, v in hf.items()}), params)
 
 
-def _message(fn) -> str:
-  with pytest.raises(ValueError) as e:
+def error_message(fn, exc=ValueError) -> str:
+  """The message of the `exc` that fn() raises (test_interop_cli uses it too)."""
+  with pytest.raises(exc) as e:
     fn()
   return str(e.value)
 
@@ -168,31 +162,31 @@ def _message(fn) -> str:
 def test_errors_name_the_key_and_both_shapes():
   _, params = flax_backbone()
   sd = convert.flax_to_torch(params)
-  msg = _message(lambda: convert.torch_to_flax({**sd, "head.weight": np.zeros((10, 48))}))
+  msg = error_message(lambda: convert.torch_to_flax({**sd, "head.weight": np.zeros((10, 48))}))
   assert "head.weight" in msg and "unknown" in msg
-  msg = _message(lambda: convert.torch_to_flax(
+  msg = error_message(lambda: convert.torch_to_flax(
       {k: v for k, v in sd.items() if k != "blocks.1.mlp.fc2.bias"}))
   assert "blocks.1.mlp.fc2.bias: missing" in msg and "(48,)" in msg
   bad = {**sd, "blocks.1.attn.qkv.weight": np.zeros((144, 40), np.float32)}
-  msg = _message(lambda: convert.torch_to_flax(bad))
+  msg = error_message(lambda: convert.torch_to_flax(bad))
   assert "blocks.1.attn.qkv.weight" in msg and "(144, 40)" in msg and "(144, 48)" in msg
   bad = {**sd, "pos_embed": np.zeros((1, 190, 48), np.float32)}
-  assert "not a square grid" in _message(lambda: convert.torch_to_flax(bad))
+  assert "not a square grid" in error_message(lambda: convert.torch_to_flax(bad))
   # Against a target model: vit_custom 48 wide, patch 8.
   model = build_vit("vit_custom", **{**SMALL, "patch_size": 8})
   target = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))["params"]
-  msg = _message(lambda: convert.torch_to_flax(sd, target=target))
+  msg = error_message(lambda: convert.torch_to_flax(sd, target=target))
   assert "patch_embed.proj.weight: shape (48, 3, 16, 16) in the state_dict, the model expects " \
          "(48, 3, 8, 8)" in msg
   assert "pos_embed: shape (1, 197, 48) in the state_dict, the model expects (1, 785, 48)" in msg
   deeper = build_vit("vit_custom", **{**SMALL, "depth": 3})
   target = jax.eval_shape(deeper.init, jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))["params"]
-  assert "blocks.2.norm1.weight: missing" in _message(
+  assert "blocks.2.norm1.weight: missing" in error_message(
       lambda: convert.torch_to_flax(sd, target=target))
-  assert "neither a ViT backbone" in _message(lambda: convert.torch_to_flax({"fc.weight": sd[
+  assert "neither a ViT backbone" in error_message(lambda: convert.torch_to_flax({"fc.weight": sd[
       "norm.weight"]}))
-  assert "checkpoint['teacher']" in _message(lambda: convert.torch_to_flax({"teacher": sd}))
-  assert "not a parameter" in _message(lambda: convert.flax_to_torch({**params, "extra": {
+  assert "checkpoint['teacher']" in error_message(lambda: convert.torch_to_flax({"teacher": sd}))
+  assert "not a parameter" in error_message(lambda: convert.flax_to_torch({**params, "extra": {
       "kernel": np.zeros(3)}}))
 
 
@@ -201,9 +195,9 @@ def test_batchnorm_statistics():
   shapes = jax.eval_shape(head.init, jax.random.PRNGKey(0), jnp.zeros((2, 24)))
   v = jax.tree.map(lambda x: np.random.default_rng(0).uniform(0.5, 1, x.shape).astype(np.float32),
                    shapes)
-  assert "batch_stats" in _message(lambda: convert.flax_to_torch(v["params"]))
+  assert "batch_stats" in error_message(lambda: convert.flax_to_torch(v["params"]))
   sd = convert.flax_to_torch(v["params"], v["batch_stats"])
   params, stats = convert.torch_to_flax(sd, with_batch_stats=True)
-  assert_trees_equal((params, stats), jax.tree.map(np.asarray, (dict(v["params"]),
+  assert_trees_close((params, stats), jax.tree.map(np.asarray, (dict(v["params"]),
                                                                 dict(v["batch_stats"]))))
-  assert_trees_equal(convert.torch_to_flax(sd), params)  # params only: the statistics left out
+  assert_trees_close(convert.torch_to_flax(sd), params)  # params only: the statistics left out

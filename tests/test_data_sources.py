@@ -10,6 +10,8 @@ from skimage import draw
 
 from dino_jax import config as config_lib
 from dino_jax.data import pipeline, sources
+from dino_jax.data.folder import FolderSource, decode_image, list_images
+from dino_jax.data.shapes import ShapesSource, max_area
 
 
 def _config(**data):
@@ -60,7 +62,7 @@ def _reference_coverage(name, p, size, n=8):
 
 
 def test_shapes_records_labels_balanced_and_deterministic():
-  src = sources.ShapesSource(600, "train", seed=3)
+  src = ShapesSource(600, "train", seed=3)
   assert (len(src), src.num_classes, src.has_labels, src.has_masks) == (600, 6, True, True)
   labels = np.array([src[i]["label"] for i in range(600)])
   assert np.bincount(labels).tolist() == [100] * 6
@@ -68,14 +70,14 @@ def test_shapes_records_labels_balanced_and_deterministic():
   assert r["image"].shape == (32, 32, 3) and r["image"].dtype == np.uint8
   assert r["object_mask"].shape == (32, 32) and r["object_mask"].dtype == bool
   assert (r["image"][..., 0] == r["image"][..., 2]).all()  # gray, stored as RGB
-  fresh = sources.ShapesSource(600, "train", seed=3)  # other instance, other access order
+  fresh = ShapesSource(600, "train", seed=3)  # other instance, other access order
   np.testing.assert_array_equal(fresh[17]["image"], r["image"])
-  assert not np.array_equal(sources.ShapesSource(600, "val", seed=3)[17]["image"], r["image"])
-  assert not np.array_equal(sources.ShapesSource(600, "train", seed=4)[17]["image"], r["image"])
+  assert not np.array_equal(ShapesSource(600, "val", seed=3)[17]["image"], r["image"])
+  assert not np.array_equal(ShapesSource(600, "train", seed=4)[17]["image"], r["image"])
 
 
 def test_shapes_geometry_matches_an_independent_drawing():
-  src = sources.ShapesSource(240, "train", noise=0.0)
+  src = ShapesSource(240, "train", noise=0.0)
   ious = {name: [] for name in ("disc", "square", "triangle", "ring", "cross")}
   for i in range(240):
     p, name = src.params(i), src.classes[i % 6]
@@ -88,7 +90,7 @@ def test_shapes_geometry_matches_an_independent_drawing():
 
 
 def test_shapes_masks_cover_the_drawn_objects_exactly_and_areas_are_equal():
-  src = sources.ShapesSource(600, "train", noise=0.0)
+  src = ShapesSource(600, "train", noise=0.0)
   ratio = {c: [] for c in src.classes}
   for i in range(600):
     r, p = src[i], src.params(i)
@@ -105,8 +107,8 @@ def test_shapes_masks_cover_the_drawn_objects_exactly_and_areas_are_equal():
 
 
 def test_shapes_noise_level():
-  src = sources.ShapesSource(60, "train")
-  clean = sources.ShapesSource(60, "train", noise=0.0)
+  src = ShapesSource(60, "train")
+  clean = ShapesSource(60, "train", noise=0.0)
   noisy = np.concatenate([src[i]["image"][..., 0].ravel() / 255 for i in range(60)])
   gray = np.concatenate([clean[i]["image"][..., 0].ravel() / 255 for i in range(60)])
   inner = (gray > 0.3) & (gray < 0.7)  # far from the clipping at 0 and 1
@@ -117,7 +119,7 @@ def test_shapes_light_polarity_puts_the_lighter_level_on_the_object_only():
   """polarity 'light': the object's pixels are the lighter ones in every image; the geometry,
   labels and the pair of gray levels are the random images' (same draws, levels swapped where the
   object was the darker), and 'random' has both polarities."""
-  rand, light = sources.ShapesSource(60, "train"), sources.ShapesSource(60, "train", polarity="light")
+  rand, light = ShapesSource(60, "train"), ShapesSource(60, "train", polarity="light")
   lighter = []
   for i in range(60):
     r, l = rand[i], light[i]
@@ -131,14 +133,14 @@ def test_shapes_light_polarity_puts_the_lighter_level_on_the_object_only():
     lighter.append(img[m].mean() > img[~m].mean())
   assert 15 < sum(lighter) < 45
   with pytest.raises(ValueError, match="polarity 'dark'"):
-    sources.ShapesSource(10, "train", polarity="dark")
+    ShapesSource(10, "train", polarity="dark")
 
 
 def test_shapes_level_ranges():
   """fg_range / bg_range bound the two gray levels (noise-free pixels at full coverage read the
   level back); the default (0, 1) ranges span both levels over the whole range; levels that can
   never be min_contrast apart are refused."""
-  src = sources.ShapesSource(40, "train", fg_range=(0.7, 0.8), bg_range=(0.2, 0.3), noise=0.0)
+  src = ShapesSource(40, "train", fg_range=(0.7, 0.8), bg_range=(0.2, 0.3), noise=0.0)
   for i in range(40):
     p, r = src.params(i), src[i]
     assert 0.7 <= p["fg"] <= 0.8 and 0.2 <= p["bg"] <= 0.3
@@ -146,29 +148,29 @@ def test_shapes_level_ranges():
     img = r["image"][..., 0] / 255
     np.testing.assert_allclose(img[cov == 1], p["fg"], atol=0.5 / 255)
     np.testing.assert_allclose(img[cov == 0], p["bg"], atol=0.5 / 255)
-  default = sources.ShapesSource(60, "train")
+  default = ShapesSource(60, "train")
   for key in ("fg", "bg"):
     levels = [default.params(i)[key] for i in range(60)]
     assert min(levels) < 0.15 and max(levels) > 0.85
   with pytest.raises(ValueError, match="min_contrast"):
-    sources.ShapesSource(10, "train", fg_range=(0.4, 0.5), bg_range=(0.4, 0.5))
+    ShapesSource(10, "train", fg_range=(0.4, 0.5), bg_range=(0.4, 0.5))
 
 
 def test_shapes_area_limit_by_hand_and_refused_beyond():
   """max_area: a unit-area square is widest along its diagonal (sqrt 2), so it fits at every
   rotation up to half the image; a disc (diameter 2 / sqrt(pi)) up to pi / 4. At the limit every
   draw fits (boundary inside the image); past it the source refuses, naming the shapes."""
-  assert sources.max_area("square") == pytest.approx(0.5, rel=1e-4)
-  assert sources.max_area("disc") == pytest.approx(math.pi / 4, rel=1e-3)
-  limit = sources.max_area("square")
-  src = sources.ShapesSource(60, "train", classes=("square",), area=(limit, limit), noise=0.0)
+  assert max_area("square") == pytest.approx(0.5, rel=1e-4)
+  assert max_area("disc") == pytest.approx(math.pi / 4, rel=1e-3)
+  limit = max_area("square")
+  src = ShapesSource(60, "train", classes=("square",), area=(limit, limit), noise=0.0)
   for i in range(60):  # drawn (the centre's range was not empty), and none of it cut off
     p = src.params(i)
     assert src.coverage(p).sum() == pytest.approx(p["area"], rel=0.01)
   with pytest.raises(ValueError, match=r"area=\(0.15, 0.45\).*triangle, star.*at most 0.429"):
-    sources.ShapesSource(10, "train", area=(0.15, 0.45))
+    ShapesSource(10, "train", area=(0.15, 0.45))
   with pytest.raises(ValueError, match="0 < low <= high"):
-    sources.ShapesSource(10, "train", area=(0.3, 0.2))
+    ShapesSource(10, "train", area=(0.3, 0.2))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,7 +234,7 @@ def folder(tmp_path_factory):
 
 def test_folder_lists_recursively_sorted_and_ignores_hidden_and_non_images(folder):
   root, expect = folder
-  paths, labels, classes = sources.list_images(str(root))
+  paths, labels, classes = list_images(str(root))
   assert classes == ("a", "b")
   rel = [os.fsdecode(p) for p in paths]
   assert rel == sorted(expect)
@@ -241,7 +243,7 @@ def test_folder_lists_recursively_sorted_and_ignores_hidden_and_non_images(folde
 
 def test_folder_decodes_every_kind_to_rgb_and_skips_bad_files(folder):
   root, expect = folder
-  src = sources.FolderSource(str(root))
+  src = FolderSource(str(root))
   assert (src.num_classes, src.has_labels, src.has_masks) == (2, True, False)
   rel = [os.fsdecode(p) for p in src.paths]
   for i, r in enumerate(rel):
@@ -266,12 +268,12 @@ def test_folder_decodes_every_kind_to_rgb_and_skips_bad_files(folder):
 def test_folder_big_jpeg_decoded_at_reduced_scale_only_when_allowed(folder):
   root, _ = folder
   data = (root / "b" / "big.jpg").read_bytes()
-  assert sources.decode_image(data).shape == (3000, 6000, 3)
-  small = sources.decode_image(data, min_side=700)
+  assert decode_image(data).shape == (3000, 6000, 3)
+  small = decode_image(data, min_side=700)
   assert small.shape == (750, 1500, 3)  # scale 1/4 keeps the shorter side >= 700
   # Same picture: the gradient along x, sampled at the same relative positions.
   np.testing.assert_allclose(small[375, ::150, 0], np.linspace(0, 255, 6000)[::600], atol=4)
-  assert sources.decode_image(data, min_side=2000).shape == (3000, 6000, 3)  # 1/2 would undershoot
+  assert decode_image(data, min_side=2000).shape == (3000, 6000, 3)  # 1/2 would undershoot
 
 
 def test_folder_flat_layout_and_index_cache(tmp_path):
@@ -280,15 +282,15 @@ def test_folder_flat_layout_and_index_cache(tmp_path):
     (tmp_path / "flat" / name).parent.mkdir(exist_ok=True)
     (tmp_path / "flat" / name).write_bytes(img)
   cache = tmp_path / "cache"
-  src = sources.FolderSource(str(tmp_path / "flat"), cache_dir=str(cache))
+  src = FolderSource(str(tmp_path / "flat"), cache_dir=str(cache))
   assert (src.has_labels, src.num_classes) == (False, 0)
   assert [os.fsdecode(p) for p in src.paths] == ["a.png", "m.jpeg", "z.jpg"]
   assert src[0]["label"] == -1
-  sources.list_images.cache_clear()
+  list_images.cache_clear()
   assert len(os.listdir(cache)) == 1
   (tmp_path / "flat" / "new.jpg").write_bytes(img)  # not seen: the cached index is reused
-  assert len(sources.FolderSource(str(tmp_path / "flat"), cache_dir=str(cache))) == 3
-  assert len(sources.FolderSource(str(tmp_path / "flat"))) == 4
+  assert len(FolderSource(str(tmp_path / "flat"), cache_dir=str(cache))) == 3
+  assert len(FolderSource(str(tmp_path / "flat"))) == 4
 
 
 def test_folder_errors_name_the_path(tmp_path):

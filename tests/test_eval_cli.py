@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dino_jax import checkpoint, train
-from dino_jax import config as config_lib
+from dino_jax import checkpoint
+from dino_jax import state as state_lib
 from dino_jax.data.sources import make_source
+from dino_jax.models import build_models
+import helpers
 from test_knn import brute_force
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,25 +24,11 @@ MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 
 
 def tiny_config():
-  c = config_lib.base_config()
-  c.data.source = "shapes"
-  c.data.shapes_image_size = c.global_crops_size = 16
-  c.data.shapes_train_size, c.data.shapes_eval_size = 96, 40
-  c.local_crops_size, c.local_crops_number = 8, 2
-  c.model.arch, c.model.patch_size = "vit_custom", 4
-  c.model.embed_dim, c.model.depth, c.model.num_heads = 16, 2, 2
-  c.model.head_hidden_dim, c.model.head_bottleneck_dim, c.out_dim = 32, 16, 32
-  c.model.use_bn_in_head = True
-  c.data.workers = 0
-  c.eval.batch_size = 16
-  c.eval.nb_knn = (5, 20)
-  c.eval.attention_images = 3
-  c.eval.compare_random_init = True
-  c.eval.linear_epochs = 2
-  c.eval.linear_batch_size = 32
-  c.eval.linear_lr = 0.01
-  c.eval.linear_n_last_blocks = 3  # more than the depth: all blocks, as the release
-  return c
+  return helpers.tiny_config(
+      model__use_bn_in_head=True, eval__batch_size=16, eval__nb_knn=(5, 20),
+      eval__attention_images=3, eval__compare_random_init=True, eval__linear_epochs=2,
+      eval__linear_batch_size=32, eval__linear_lr=0.01,
+      eval__linear_n_last_blocks=3)  # more than the depth: all blocks, as the release
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +37,8 @@ def workdir(tmp_path_factory):
   train_and_evaluate derives it: its teacher *is* the random init."""
   config = tiny_config()
   wd = str(tmp_path_factory.mktemp("evalwd"))
-  *_, init = train.make_training(config, 1, 1)
-  init_rng, _ = jax.random.split(jax.random.PRNGKey(config.seed))
+  init = state_lib.init_fn(config)
+  init_rng, _ = state_lib.seed_rngs(config.seed)
   checkpoint.save_config(wd, config)
   mngr = checkpoint.manager(wd)
   checkpoint.save(mngr, 3, jax.jit(init)(init_rng))
@@ -74,7 +62,7 @@ def teacher_features(wd, split):
   source = make_source(config, split)
   images = np.stack([source[i]["image"] for i in range(len(source))])
   labels = np.array([source[i]["label"] for i in range(len(source))])
-  vit = train.build_models(config)[1].backbone
+  vit = build_models(config)[1].backbone
   f = np.asarray(jax.jit(lambda p, x: vit.apply({"params": p}, x))(
       params["backbone"], (images / 255.0 - MEAN) / STD))
   return f / np.linalg.norm(f, axis=1, keepdims=True), labels, images, vit, params["backbone"]

@@ -1,4 +1,4 @@
-"""export_torch / import_torch: every format round-trips bitwise, PyTorch models reproduce ours.
+"""Export / import to PyTorch: every format round-trips bitwise, PyTorch models reproduce ours.
 
 A workdir holds a small model's TrainState a few optimizer steps in (random gradients, a teacher
 apart from the student, a random centre; with and without a BatchNorm head). References: timm's
@@ -17,20 +17,19 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from dino_jax import checkpoint
+from dino_jax import checkpoint, convert, optim, schedules
 from dino_jax import config as config_lib
-from dino_jax import convert
-from dino_jax import export_torch
-from dino_jax import import_torch
 from dino_jax import sharding as sharding_lib
 from dino_jax import state as state_lib
 from dino_jax import train as train_lib
-from dino_jax.models import build_vit
+from dino_jax.convert import exporting, importing
+from dino_jax.models import build_models, build_vit
 
 pytest.importorskip("timm")
 # Helpers of the sibling tests (pytest puts tests/ on sys.path): the torch references.
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from test_convert import assert_trees_equal
+from helpers import assert_trees_close, tiny_config
+from test_convert import error_message
 import release
 from test_vit_timm import make_timm, rel_err
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -38,27 +37,26 @@ from test_vit_timm import make_timm, rel_err
 pytestmark = pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
 FORMATS = ("pth", "safetensors", "hf", "full")
 STEPS, STEPS_PER_EPOCH = 5, 2
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where python -m runs
 
 
 def small_config(use_bn: bool):
-  c = config_lib.base_config()
-  c.model.arch = "vit_custom"
-  c.model.embed_dim, c.model.depth, c.model.num_heads, c.model.patch_size = 48, 2, 3, 16
-  c.out_dim, c.model.head_hidden_dim, c.model.head_bottleneck_dim = 64, 40, 16
-  c.model.use_bn_in_head = use_bn
-  c.model.norm_last_layer = use_bn  # without BN: g is trained (and exported in the optimizer)
-  c.local_crops_number = 2
-  c.freeze_last_layer = 2.0  # 4 steps: at step 5 the last layer has taken 1 Adam step
-  c.steps_per_epoch = STEPS_PER_EPOCH
-  c.total_steps = 10
-  return c
+  """The tiny config with timm's ViT layout (patch 16 on 224 px), so that timm runs it too."""
+  return tiny_config(
+      model__embed_dim=48, model__num_heads=3, model__patch_size=16, model__head_hidden_dim=40,
+      global_crops_size=224, local_crops_size=96, model__use_bn_in_head=use_bn,
+      model__norm_last_layer=use_bn,  # without BN: g is trained (and exported in the optimizer)
+      freeze_last_layer=2.0,  # 4 steps: at step 5 the last layer has taken 1 Adam step
+      batch_size=1024,  # lr 2e-3: Adam steps well above float32 rounding of the weights
+      steps_per_epoch=STEPS_PER_EPOCH, total_steps=10)
 
 
 def make_workdir(path: str, use_bn: bool):
   """A workdir whose checkpoint is init's structure a few steps in, every leaf non-trivial."""
   config = small_config(use_bn)
-  _, _, tx, _, init = train_lib.make_training(config, STEPS_PER_EPOCH, config.total_steps)
-  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+  fns = schedules.dino_schedules(config, STEPS_PER_EPOCH, config.total_steps)
+  tx = optim.make_optimizer(config, fns, STEPS_PER_EPOCH)
+  abstract = jax.eval_shape(state_lib.init_fn(config, tx), jax.random.PRNGKey(0))
   rng = np.random.default_rng(0)
   rand = lambda tree, lo=-0.5, hi=0.5: jax.tree.map(
       lambda x: rng.uniform(lo, hi, x.shape).astype(x.dtype), tree)
@@ -72,7 +70,6 @@ def make_workdir(path: str, use_bn: bool):
   opt_state = jax.jit(tx.init)(params)
   for _ in range(STEPS):
     params, opt_state = step(params, opt_state, rand(params))
-  params = jax.tree.map(np.asarray, params)
   state = state_lib.TrainState(
       step=np.asarray(STEPS, np.int32), params=params, opt_state=opt_state,
       teacher_params=jax.tree.map(lambda x: x + np.float32(0.01), params),
@@ -102,34 +99,34 @@ def exports(workdirs, tmp_path_factory):
   out = {}
   for fmt in FORMATS:
     out[fmt] = str(root / f"teacher.{fmt}")
-    export_torch.export(wd, out[fmt], fmt=fmt)
+    exporting.export(wd, out[fmt], fmt=fmt)
   out["pth+head"] = str(root / "teacher_head.pth")
-  export_torch.export(wd, out["pth+head"], fmt="pth", with_head=True)
+  exporting.export(wd, out["pth+head"], fmt="pth", with_head=True)
   return out
 
 
 @pytest.fixture(scope="module")
 def forward():
-  model = build_vit("vit_custom", 16, embed_dim=48, depth=2, num_heads=3)
-  return model, jax.jit(model.apply)
+  """The workdirs' ViT's jitted apply."""
+  return jax.jit(build_vit("vit_custom", 16, embed_dim=48, depth=2, num_heads=3).apply)
 
 
 def test_round_trip_every_format_bitwise(workdirs, exports, tmp_path):
   """Export -> import gives back the exported network bitwise (backbone; head with --with_head)."""
   wd, config, state = workdirs[False]
   for fmt in ("pth", "safetensors", "hf", "pth+head"):
-    _, got = import_torch.load_state(exports[fmt], config=config)
+    _, got = importing.load_state(exports[fmt], config=config)
     for net in (got.params, got.teacher_params):  # both networks get the file's weights
-      assert_trees_equal(net["backbone"], state.teacher_params["backbone"])
+      assert_trees_close(net["backbone"], state.teacher_params["backbone"])
       if fmt.endswith("+head"):
-        assert_trees_equal(net["head"], state.teacher_params["head"])
+        assert_trees_close(net["head"], state.teacher_params["head"])
     assert int(got.step) == 0
   # The student; a safetensors file needs no config for a vit_custom (heads in its metadata).
   path = str(tmp_path / "student.safetensors")
-  export_torch.export(wd, path, which="student", fmt="safetensors", with_head=True)
-  config2, got = import_torch.load_state(path)
+  exporting.export(wd, path, which="student", fmt="safetensors", with_head=True)
+  config2, got = importing.load_state(path)
   assert (config2.model.embed_dim, config2.model.num_heads) == (48, 3)
-  assert_trees_equal(got.params, state.params)
+  assert_trees_close(got.params, state.params)
 
 
 @pytest.mark.parametrize("use_bn", [False, True], ids=["plain_head", "bn_head"])
@@ -138,12 +135,12 @@ def test_full_checkpoint_loads_back_into_an_equal_train_state(workdirs, tmp_path
   step all equal the original, read back through orbax as train reads a workdir."""
   wd, config, state = workdirs[use_bn]
   path = str(tmp_path / "full.pth")
-  export_torch.export(wd, path, fmt="full")
-  import_torch.import_weights(path, str(tmp_path / "imported"))
-  config2, restored, step = export_torch.load_state(str(tmp_path / "imported"))
+  exporting.export(wd, path, fmt="full")
+  importing.import_weights(path, str(tmp_path / "imported"))
+  config2, restored, step = exporting.load_state(str(tmp_path / "imported"))
   assert step == STEPS
   assert config_lib.to_json(config2) == config_lib.to_json(config)  # args['dino_jax_config']
-  assert_trees_equal(restored, state)
+  assert_trees_close(restored, state)
 
 
 def test_full_checkpoint_has_the_release_layout(workdirs, exports):
@@ -174,14 +171,15 @@ def test_full_checkpoint_optimizer_resumes_in_torch_adamw(workdirs, exports):
   opt = torch.optim.AdamW(release.get_params_groups(student.named_parameters()))
   opt.load_state_dict(ckpt["optimizer"])
 
-  _, _, tx, schedules, _ = train_lib.make_training(config, STEPS_PER_EPOCH, config.total_steps)
+  fns = schedules.dino_schedules(config, STEPS_PER_EPOCH, config.total_steps)
+  tx = optim.make_optimizer(config, fns, STEPS_PER_EPOCH)
   rng = np.random.default_rng(1)
   grads = jax.tree.map(lambda x: rng.normal(0, 0.05, x.shape).astype(np.float32), state.params)
   updates, _ = jax.jit(tx.update)(grads, state.opt_state, state.params)
   ours = convert.flax_to_torch(jax.tree.map(np.asarray, optax.apply_updates(state.params, updates)))
 
   torch_grads = {k: torch.from_numpy(v) for k, v in convert.flax_to_torch(grads).items()}
-  _release_step(student, opt, torch_grads, *_lr_wd(schedules)(STEPS))
+  _release_step(student, opt, torch_grads, *_lr_wd(fns)(STEPS))
   before = convert.flax_to_torch(state.params)
   for name, p in student.named_parameters():
     after = p.detach().numpy()
@@ -195,7 +193,6 @@ def test_release_full_checkpoint_imports_and_resumes(tmp_path):
   AdamW after 2 steps with the last layer frozen in the first): the imported weights, centre and
   Adam state are the torch ones, and dino_jax's next step equals the next torch step."""
   import argparse  # pylint: disable=g-import-not-at-top
-  from dino_jax import optim  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
   student, teacher = torch.nn.Module(), torch.nn.Module()
   for net in (student, teacher):
@@ -205,7 +202,7 @@ def test_release_full_checkpoint_imports_and_resumes(tmp_path):
   opt = torch.optim.AdamW(release.get_params_groups(student.named_parameters()))
   # The release's defaults (= base_config's): lr 5e-4 x 1024 / 256, 10 warm-up epochs, wd 0.04 ->
   # 0.4; here 1 step per epoch and 100 steps, so the last layer is frozen in step 0.
-  lr_wd = _lr_wd(optim.make_optimizer(config_lib.base_config(), 1, 100)[1])
+  lr_wd = _lr_wd(schedules.dino_schedules(config_lib.base_config(), 1, 100))
   rng = np.random.default_rng(0)
   grads_at = lambda it: {n: torch.from_numpy(rng.normal(0, 0.02, p.shape).astype(np.float32))
                          for n, p in student.named_parameters()
@@ -223,15 +220,15 @@ def test_release_full_checkpoint_imports_and_resumes(tmp_path):
               "args": args, "dino_loss": {"center": center},
               "fp16_scaler": {"scale": 65536.0, "growth_factor": 2.0}}, path)
 
-  config, state = import_torch.load_state(path)
+  config, state = importing.load_state(path)
   assert (config.model.arch, config.model.patch_size, config.out_dim) == ("vit_tiny", 16, 64)
   assert not config.model.norm_last_layer and config.batch_size == 1024
   assert int(state.step) == 2
   np.testing.assert_array_equal(state.center, center.numpy())
-  assert_trees_equal(state.params, convert.torch_to_flax(student.state_dict()))
-  assert_trees_equal(state.teacher_params, convert.torch_to_flax(teacher.state_dict()))
+  assert_trees_close(state.params, convert.torch_to_flax(student.state_dict()))
+  assert_trees_close(state.teacher_params, convert.torch_to_flax(teacher.state_dict()))
 
-  tx, _ = optim.make_optimizer(config, 1, 100)
+  tx = optim.make_optimizer(config, schedules.dino_schedules(config, 1, 100), 1)
   torch_grads = grads_at(2)
   grads = convert.torch_to_flax(torch_grads)
   updates, _ = jax.jit(tx.update)(grads, state.opt_state, state.params)
@@ -270,15 +267,14 @@ def _release_step(student, opt, grads, lr, wd):
 def test_timm_on_the_exported_pth_equals_ours(workdirs, exports, forward, hw):
   _, _, state = workdirs[False]
   sd = torch.load(exports["pth"], weights_only=True)
-  model, apply = forward
   h, w = hw
   timm_model = make_timm(hw, 48, 2, 3, 16)
-  timm_model.load_state_dict({**sd, "pos_embed": release.interpolate_pos_encoding(sd["pos_embed"], h // 16,
-                                                                    w // 16)}, strict=True)
+  pos_embed = release.interpolate_pos_encoding(sd["pos_embed"], h // 16, w // 16)
+  timm_model.load_state_dict({**sd, "pos_embed": pos_embed}, strict=True)
   x = np.random.default_rng(0).normal(size=(2, h, w, 3)).astype(np.float32)
   with torch.no_grad():
     ref = timm_model(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
-  ours = apply({"params": state.teacher_params["backbone"]}, x)
+  ours = forward({"params": state.teacher_params["backbone"]}, x)
   assert rel_err(ours, ref) <= 1e-4
 
 
@@ -291,22 +287,20 @@ def test_transformers_on_the_hf_export_equals_ours(workdirs, exports, forward):
   x = np.random.default_rng(0).normal(size=(2, 224, 224, 3)).astype(np.float32)
   with torch.no_grad():
     ref = model(pixel_values=torch.from_numpy(x).permute(0, 3, 1, 2)).last_hidden_state[:, 0]
-  _, apply = forward
-  ours = apply({"params": state.teacher_params["backbone"]}, x)
+  ours = forward({"params": state.teacher_params["backbone"]}, x)
   assert rel_err(ours, ref.numpy()) <= 1e-4
   # The installed transformers' own names read back bitwise too.
-  assert_trees_equal(convert.torch_to_flax(model.state_dict()), state.teacher_params["backbone"])
+  assert_trees_close(convert.torch_to_flax(model.state_dict()), state.teacher_params["backbone"])
 
 
 def test_imported_workdir_resumes_and_initialises_training(workdirs, exports, tmp_path):
-  """`train --workdir` restores it into make_training's sharded state; `--config.init_from`
+  """`train --workdir` restores it into the trainer's sharded state; `--config.init_from`
   takes its student, teacher, centre and BN statistics."""
   _, config, state = workdirs[False]
   out = str(tmp_path / "imported")
-  import_torch.import_weights(exports["full"], out)
+  importing.import_weights(exports["full"], out)
   config = checkpoint.load_config(out)
-  *_, init = train_lib.make_training(config, 1, 1)
-  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+  abstract = state_lib.abstract_state(config)
   mesh = sharding_lib.make_mesh(-1, 1)
   state_sh = sharding_lib.state_shardings(mesh, abstract)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
@@ -315,11 +309,11 @@ def test_imported_workdir_resumes_and_initialises_training(workdirs, exports, tm
   step, restored = checkpoint.restore(mngr, target)
   mngr.close()
   assert step == STEPS
-  assert_trees_equal(jax.tree.map(np.asarray, restored.teacher_params), state.teacher_params)
+  assert_trees_close(jax.tree.map(np.asarray, restored.teacher_params), state.teacher_params)
   fresh = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract)
   started = train_lib._init_from(fresh, out, state_sh)  # pylint: disable=protected-access
   for name in ("params", "teacher_params", "center", "batch_stats", "teacher_batch_stats"):
-    assert_trees_equal(jax.tree.map(np.asarray, getattr(started, name)), getattr(state, name))
+    assert_trees_close(jax.tree.map(np.asarray, getattr(started, name)), getattr(state, name))
   assert int(started.step) == 0  # a new run: its own step and optimizer state
 
 
@@ -330,35 +324,29 @@ def test_import_keeps_the_configs_crops_and_the_files_position_grid(exports, for
   time)."""
   config = small_config(False)
   config.global_crops_size, config.local_crops_size = 96, 32
-  config, state = import_torch.load_state(exports["pth"], config=config)
+  config, state = importing.load_state(exports["pth"], config=config)
   assert (config.global_crops_size, config.local_crops_size, config.model.img_size) == (96, 32, 224)
-  backbone = train_lib.build_models(config)[1].backbone
+  backbone = build_models(config)[1].backbone
   x = np.random.default_rng(1).normal(size=(2, 96, 96, 3)).astype(np.float32)
   params = {"params": state.teacher_params["backbone"]}
-  np.testing.assert_allclose(backbone.apply(params, x), forward[1](params, x), rtol=1e-5,
+  np.testing.assert_allclose(backbone.apply(params, x), forward(params, x), rtol=1e-5,
                              atol=1e-5)
   # Weights whose grid is the crops' own leave model.img_size at 0 (follow global_crops_size).
-  config, _ = import_torch.load_state(exports["pth"], config=small_config(False))
+  config, _ = importing.load_state(exports["pth"], config=small_config(False))
   assert (config.global_crops_size, config.model.img_size) == (224, 0)
-
-
-def _error(fn, exc=ValueError) -> str:
-  with pytest.raises(exc) as e:
-    fn()
-  return str(e.value)
 
 
 def test_clear_errors(workdirs, exports, tmp_path):
   wd, config, _ = workdirs[False]
   out = lambda name: str(tmp_path / name)
-  msg = _error(lambda: import_torch.load_state(exports["pth"], arch="vit_small"))
+  msg = error_message(lambda: importing.load_state(exports["pth"], arch="vit_small"))
   assert "vit_small" in msg and "cls_token" in msg and "(1, 1, 48)" in msg and "(1, 1, 384)" in msg
-  msg = _error(lambda: import_torch.load_state(exports["pth"], config=config, patch_size=8))
+  msg = error_message(lambda: importing.load_state(exports["pth"], config=config, patch_size=8))
   assert "patch_embed.proj.weight" in msg and "(48, 3, 16, 16)" in msg and "(48, 3, 8, 8)" in msg
   sd = torch.load(exports["pth"], weights_only=True)
   sd["blocks.1.attn.proj.weight"] = torch.zeros(48, 40)
   torch.save(sd, out("bad.pth"))
-  msg = _error(lambda: import_torch.load_state(out("bad.pth"), config=config))
+  msg = error_message(lambda: importing.load_state(out("bad.pth"), config=config))
   assert "blocks.1.attn.proj.weight: shape (48, 40) in the state_dict, the model expects " \
          "(48, 48)" in msg
   for fmt in ("pth", "safetensors", "full"):
@@ -366,22 +354,21 @@ def test_clear_errors(workdirs, exports, tmp_path):
     cut = out(f"cut.{fmt}" if fmt != "full" else "cut_full.pth")
     with open(cut, "wb") as f:
       f.write(data[:len(data) // 2])
-    assert "cannot read" in _error(lambda: import_torch.load_state(cut, config=config))
-  assert "backbone only" in _error(lambda: export_torch.export(wd, out("e"), fmt="hf",
+    assert "cannot read" in error_message(lambda: importing.load_state(cut, config=config))
+  assert "backbone only" in error_message(lambda: exporting.export(wd, out("e"), fmt="hf",
                                                                with_head=True))
-  assert "heads" in _error(lambda: import_torch.load_state(exports["pth"]))
+  assert "heads" in error_message(lambda: importing.load_state(exports["pth"]))
   os.makedirs(out("g/checkpoints/0"))
-  _error(lambda: import_torch.import_weights(exports["pth"], out("g"), config=config),
+  error_message(lambda: importing.import_weights(exports["pth"], out("g"), config=config),
          FileExistsError)
 
 
 def test_command_lines(workdirs, exports, tmp_path):
   """The two commands run as documented (python -m ...); run side by side to save time."""
   wd = workdirs[False][0]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   start = lambda *args: subprocess.Popen(
       [sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+      env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=REPO)
   path = str(tmp_path / "teacher.safetensors")
   runs = [start("dino_jax.export_torch", f"--workdir={wd}", f"--output={path}"),
           start("dino_jax.import_torch", f"--weights={exports['full']}",
@@ -389,7 +376,7 @@ def test_command_lines(workdirs, exports, tmp_path):
   for r in runs:
     _, err = r.communicate()
     assert r.returncode == 0, err
-  assert export_torch.load_state(str(tmp_path / "imported"))[2] == STEPS
+  assert exporting.load_state(str(tmp_path / "imported"))[2] == STEPS
   with safe_open(path, "np") as f:
     assert f.metadata()["step"] == str(STEPS)
 
@@ -404,8 +391,7 @@ def test_without_the_torch_extra_one_line_names_it(workdirs, tmp_path, output):
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(tmp_path / "shadow")}
   proc = subprocess.run(
       [sys.executable, "-m", "dino_jax.export_torch", f"--workdir={workdirs[False][0]}",
-       f"--output={tmp_path / output}"], capture_output=True, text=True, env=env,
-      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+       f"--output={tmp_path / output}"], capture_output=True, text=True, env=env, cwd=REPO)
   assert proc.returncode != 0
   assert "pip install -e '.[torch]'" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
   assert not os.path.exists(tmp_path / output)

@@ -11,6 +11,7 @@ from PIL import Image
 from dino_jax import config as config_lib
 from dino_jax import sharding as sharding_lib
 from dino_jax.data import augment, pipeline, sources
+import helpers
 
 
 class IndexSource:
@@ -32,19 +33,9 @@ class IndexSource:
 
 
 def _config(**overrides):
-  c = config_lib.base_config()
-  c.data.source = "shapes"
-  c.data.shapes_train_size, c.data.shapes_eval_size = 96, 50
-  c.data.workers = 0
-  c.batch_size = 16
-  c.global_crops_size, c.local_crops_size, c.local_crops_number = 16, 8, 2
-  for k, v in overrides.items():
-    node = c
-    *path, last = k.split(".")
-    for part in path:
-      node = node[part]
-    node[last] = v
-  return c
+  """The tiny config on 32 px shapes (crops resample them); dotted keys override."""
+  return helpers.tiny_config(**{"data.shapes_image_size": 32, "data.shapes_eval_size": 50,
+                                **overrides})
 
 
 def _take(it, n):
@@ -229,6 +220,36 @@ def test_eval_batches_of_a_folder_use_the_eval_transform(tmp_path):
     expected = augment.eval_transform(a, 40, 32)
     np.testing.assert_array_equal(batches[i // 4]["image"][i % 4], expected)
 
+
+
+def test_probe_train_batches_cover_each_image_once_an_epoch_on_any_process_count(monkeypatch):
+  """37 images, global batch 12: 4 steps an epoch on every process; process p holds every P-th
+  image of the one-process stream with the same crop; reshuffled each epoch."""
+  monkeypatch.setattr(pipeline, "make_source", lambda config, split, **kw: IndexSource(37))
+  c = _config(global_crops_size=8)
+
+  def epoch(e, processes=1, p=0):
+    return list(pipeline.probe_train_batches(c, e, 12, process_index=p, process_count=processes))
+
+  def valid(batches, key):
+    return np.concatenate([b[key][b["valid"]] for b in batches])
+
+  one = epoch(0)
+  assert len(one) == 4 and [int(b["valid"].sum()) for b in one] == [12, 12, 12, 1]
+  assert one[0]["image"].shape == (12, 8, 8, 3) and one[0]["image"].dtype == np.uint8
+  labels = valid(one, "label")
+  assert sorted(labels) == list(range(37))
+  assert (valid(one, "image")[..., 0] == labels[:, None, None]).all()  # each crop of its image
+  assert not np.array_equal(valid(epoch(1), "label"), labels)
+  _assert_same(one, epoch(0))
+  for processes in (2, 3):
+    per = [epoch(0, processes, p) for p in range(processes)]
+    assert {len(b) for b in per} == {4}
+    for p, batches in enumerate(per):
+      assert batches[0]["image"].shape[0] == 12 // processes
+      np.testing.assert_array_equal(valid(batches, "label"), labels[p::processes])
+      np.testing.assert_array_equal(valid(batches, "image"), valid(one, "image")[p::processes])
+    assert not per[-1][-1]["valid"].any()  # a shorter share ends with an invalid batch
 
 def test_global_batch_builds_sharded_arrays_without_implicit_transfers():
   mesh = sharding_lib.make_mesh()

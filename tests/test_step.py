@@ -5,13 +5,14 @@ import zlib
 
 import jax
 import numpy as np
-from helpers import assert_params_close
+import helpers
+from helpers import assert_trees_close
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dino_jax import config as config_lib
-from dino_jax import optim, train
+from dino_jax import optim, schedules, train
 from dino_jax import state as state_lib
+from dino_jax.models import build_models
 
 B, G, L, K = 32, 2, 2, 64
 STEPS_PER_EPOCH, TOTAL = 2, 40
@@ -19,19 +20,13 @@ MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 
 
 def tiny_config():
-  c = config_lib.base_config()
-  c.model.arch = "vit_custom"
-  c.model.patch_size, c.model.embed_dim, c.model.depth, c.model.num_heads = 4, 32, 2, 2
-  c.model.drop_path_rate = 0.0  # deterministic: the comparisons need the same forward
-  c.model.head_hidden_dim, c.model.head_bottleneck_dim = 32, 16
-  c.global_crops_size, c.local_crops_size, c.local_crops_number = 16, 8, L
-  c.out_dim = K
-  c.batch_size = B
-  c.lr = 0.008  # x 32 / 256 = 1e-3
-  c.warmup_epochs = 0
-  c.momentum_teacher = 0.9  # a visible EMA step
-  c.freeze_last_layer = 1  # epoch 0 = steps 0 and 1
-  return c
+  return helpers.tiny_config(
+      model__drop_path_rate=0.0,  # deterministic: the comparisons need the same forward
+      local_crops_number=L, out_dim=K, batch_size=B,
+      lr=0.008,  # x 32 / 256 = 1e-3
+      warmup_epochs=0,
+      momentum_teacher=0.9,  # a visible EMA step
+      freeze_last_layer=1)  # epoch 0 = steps 0 and 1
 
 
 def cosine(base, final, total):
@@ -66,22 +61,15 @@ def host(tree):
   return jax.tree.map(np.asarray, jax.device_get(tree))
 
 
-def assert_tree_close(got, want, rtol, what=""):
-  """Per leaf, elementwise within rtol of the leaf's largest value."""
-  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * max(np.abs(b).max(), 1e-30),
-                               err_msg=what + jax.tree_util.keystr(path))
-
-
 class Setup:
   """Models, optimizer, a fresh state (host copy) and a fixed uint8 batch."""
 
   def __init__(self, **overrides):
     self.config = c = tiny_config()
     c.update(overrides)
-    self.student, self.teacher = train.build_models(c)
-    self.tx, self.schedules = optim.make_optimizer(c, STEPS_PER_EPOCH, TOTAL)
+    self.student, self.teacher = build_models(c)
+    self.schedules = schedules.dino_schedules(c, STEPS_PER_EPOCH, TOTAL)
+    self.tx = optim.make_optimizer(c, self.schedules, STEPS_PER_EPOCH)
     init = functools.partial(state_lib.create_train_state, student=self.student, tx=self.tx,
                              crop_shapes=[(G, 16, 16, 3), (L, 8, 8, 3)], out_dim=K)
     # The state's structure from create_train_state; weights drawn here with NumPy (init's RNG
@@ -151,10 +139,10 @@ def test_8_devices_equal_1_device(setup, trajectory):
   (s8, *_), (m8, *_) = trajectory[0][1:], trajectory[1]
   (s1,), (m1,) = setup.step_fn(1)(setup.state0, setup.batch)
   np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
-  assert_params_close(s8.params, s1.params, 1e-5, "params")
-  assert_params_close(s8.teacher_params, s1.teacher_params, 1e-5, "teacher")
-  assert_tree_close(s8.center, s1.center, 1e-5, "center")
-  assert_tree_close(s8.opt_state, s1.opt_state, 1e-5, "opt_state")
+  assert_trees_close(s8.params, s1.params, 1e-5, norm=True, what="params")
+  assert_trees_close(s8.teacher_params, s1.teacher_params, 1e-5, norm=True, what="teacher")
+  assert_trees_close(s8.center, s1.center, 1e-5, what="center")
+  assert_trees_close(s8.opt_state, s1.opt_state, 1e-5, what="opt_state")
 
 
 def test_grad_accumulation_equals_one_big_batch(setup, trajectory):
@@ -162,10 +150,10 @@ def test_grad_accumulation_equals_one_big_batch(setup, trajectory):
   s_one, m_one = trajectory[0][1], trajectory[1][0]
   for key in ("loss", "entropy", "batch_entropy", "kl", "grad_norm"):
     np.testing.assert_allclose(m_acc[key], m_one[key], rtol=1e-5, err_msg=key)
-  assert_params_close(s_acc.params, s_one.params, 1e-5, "params")
-  assert_params_close(s_acc.teacher_params, s_one.teacher_params, 1e-5, "teacher")
-  assert_tree_close(s_acc.center, s_one.center, 1e-5, "center")
-  assert_tree_close(s_acc.opt_state, s_one.opt_state, 1e-5, "opt_state")
+  assert_trees_close(s_acc.params, s_one.params, 1e-5, norm=True, what="params")
+  assert_trees_close(s_acc.teacher_params, s_one.teacher_params, 1e-5, norm=True, what="teacher")
+  assert_trees_close(s_acc.center, s_one.center, 1e-5, what="center")
+  assert_trees_close(s_acc.opt_state, s_one.opt_state, 1e-5, what="opt_state")
 
 
 def test_loss_decreases_on_a_fixed_batch(trajectory):
@@ -187,7 +175,7 @@ def test_teacher_moves_by_one_minus_m_towards_the_new_student(trajectory):
     np.testing.assert_allclose(metrics[k]["momentum"], m, rtol=1e-6)
     want = jax.tree.map(lambda t, s: m * np.float64(t) + (1 - m) * np.float64(s),
                         old.teacher_params, new.params)
-    assert_tree_close(new.teacher_params, want, 1e-6, f"teacher after step {k}")
+    assert_trees_close(new.teacher_params, want, 1e-6, what=f"teacher after step {k}")
   # It did move: the teacher's first linear differs from the initial copy.
   assert not np.array_equal(states[2].teacher_params["head"]["mlp_0"]["kernel"],
                             states[0].teacher_params["head"]["mlp_0"]["kernel"])

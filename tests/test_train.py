@@ -12,27 +12,21 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
-from helpers import assert_params_close
+from helpers import assert_trees_close, tiny_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, "configs/default.py")
 
-TINY = [
-    "--config.model.arch=vit_custom", "--config.model.embed_dim=32", "--config.model.depth=2",
-    "--config.model.num_heads=2", "--config.model.patch_size=4", "--config.global_crops_size=16",
-    "--config.local_crops_size=8", "--config.local_crops_number=2", "--config.out_dim=64",
-    "--config.model.head_hidden_dim=32", "--config.model.head_bottleneck_dim=16",
-    "--config.batch_size=16", "--config.data.shapes_train_size=256",
-    "--config.data.shapes_eval_size=32", "--config.eval.after_training=False",
-    "--config.log_every_steps=2", "--config.checkpoint_every_steps=4", "--config.total_steps=12",
-    "--config.warmup_epochs=0.25", "--config.freeze_last_layer=0.25",
-    # No BN in the head here: it makes the gradients of the biases before it (and of the final
-    # LayerNorm's) exactly zero, and Adam turns their rounding noise into O(lr) steps that differ
-    # between summation orders, so meshes could not be compared. BN is covered in test_step.
-    "--config.model.use_bn_in_head=False",
-]
+# No BN in the head here: it makes the gradients of the biases before it (and of the final
+# LayerNorm's) exactly zero, and Adam turns their rounding noise into O(lr) steps that differ
+# between summation orders, so meshes could not be compared. BN is covered in test_step.
+TINY = tiny_flags(data__shapes_train_size=256, data__shapes_eval_size=32,
+                  eval__after_training=False, log_every_steps=2, checkpoint_every_steps=4,
+                  total_steps=12, warmup_epochs=0.25, freeze_last_layer=0.25,
+                  model__use_bn_in_head=False)
 
 
 def _env(devices: int) -> dict:
@@ -67,36 +61,19 @@ def _metrics(workdir, drop=("images_per_sec",)):
     return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in f]
 
 
-def _flat(tree, prefix=""):
-  if isinstance(tree, dict):
-    out = {}
-    for k, v in tree.items():
-      out.update(_flat(v, f"{prefix}/{k}"))
-    return out
-  if isinstance(tree, (list, tuple)):
-    out = {}
-    for i, v in enumerate(tree):
-      out.update(_flat(v, f"{prefix}/{i}"))
-    return out
-  return {prefix: np.asarray(tree)}
-
-
 def _assert_close_states(workdir, reference):
   """Student, teacher and centre within 1e-5 (relative, per tensor) of the reference run's."""
   _, got = _final_state(workdir)
   _, want = _final_state(reference)
   for key in ("params", "teacher_params", "center"):
-    assert_params_close(got[key], want[key], 1e-5, what=key)
+    assert_trees_close(got[key], want[key], 1e-5, norm=True, what=key)
 
 
 def _assert_equal_states(workdir, reference):
   """The whole final TrainState bit for bit equal to the reference run's."""
   _, got = _final_state(workdir)
   _, want = _final_state(reference)
-  got, want = _flat(got), _flat(want)
-  assert got.keys() == want.keys()
-  for k in want:
-    np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+  assert_trees_close(got, want)
 
 
 @pytest.fixture(scope="module")
@@ -217,10 +194,7 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, reference_run):
   step, _ = _final_state(tmp_path)
   assert 2 <= step <= 12
   _train(tmp_path)
-  _, got = _final_state(tmp_path)
-  _, want = _final_state(reference_run)
-  for k, v in _flat(want).items():
-    np.testing.assert_array_equal(_flat(got)[k], v, err_msg=k)
+  _assert_equal_states(tmp_path, reference_run)
 
 
 @pytest.mark.parametrize("devices, mesh", [(1, []), (8, ["--config.mesh.fsdp=2"])])
@@ -281,7 +255,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
     train.train_and_evaluate(config, str(tmp_path))
   step, state = _final_state(tmp_path)
   assert step == 4
-  assert all(np.isfinite(v).all() for v in _flat(state["params"]).values())
+  assert all(np.isfinite(v).all() for v in jax.tree.leaves(state["params"]))
 
 
 def test_a_failed_background_save_is_reported_before_the_next_save(tmp_path, monkeypatch):

@@ -62,8 +62,8 @@ def timm_outputs(sd: dict, case: dict, x: torch.Tensor, n_last: int):
   h, w = x.shape[-2:]
   p = case["patch_size"]
   model = make_timm((h, w), **case)
-  model.load_state_dict({**sd, "pos_embed": release.interpolate_pos_encoding(sd["pos_embed"], h // p, w // p)},
-                        strict=True)
+  pos_embed = release.interpolate_pos_encoding(sd["pos_embed"], h // p, w // p)
+  model.load_state_dict({**sd, "pos_embed": pos_embed}, strict=True)
   seen = {}
   last = model.blocks[-1].attn
   hook = last.register_forward_pre_hook(lambda mod, inp: seen.setdefault("x", inp[0]))

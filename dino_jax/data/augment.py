@@ -7,7 +7,8 @@ Here the same recipe is split in two, with the same semantics:
 * Host (`MultiCrop`, a grain RandomMapTransform, deterministic from (seed, epoch, index) through
   grain's per-index generator): RandomResizedCrop with torchvision's sampling (10 tries of
   scale / log-ratio, then the centre-crop fallback) and PIL bicubic resampling as torchvision does
-  for PIL images, then a horizontal flip. Output uint8 crops.
+  for PIL images, then a horizontal flip. Output uint8 crops. The linear probe's train crop
+  (`RandomResizedCropFlip`) and the evaluation transform (`eval_transform`) run on the host too.
 * Device (`device_augment`, a pure JAX function that dino_jax.train.train_step runs inside its jit,
   vectorised over the batch with per-crop random parameters): colour jitter (brightness,
   contrast, saturation, hue in a random order per crop) with p 0.8, grayscale p 0.2, Gaussian blur
@@ -41,6 +42,8 @@ from PIL import Image
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 RATIO = (3 / 4, 4 / 3)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,6 +132,25 @@ class MultiCrop(grain.transforms.RandomMap):
     return out
 
 
+
+@dataclasses.dataclass(frozen=True)
+class RandomResizedCropFlip(grain.transforms.RandomMap):
+  """The linear probe's train transform, the release's: torchvision's RandomResizedCrop(size)
+  (bilinear, its default) + RandomHorizontalFlip. {'image': uint8 (H0, W0, 3), 'label'} ->
+  {'image': uint8 (size, size, 3), 'label': int32, 'valid': True}."""
+  size: int
+  scale: tuple[float, float] = (0.08, 1.0)
+
+  def random_map(self, element: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    img = Image.fromarray(element["image"])
+    top, left, h, w = random_resized_crop_box(rng, img.width, img.height, self.scale)
+    out = np.asarray(img.resize((self.size, self.size), Image.BILINEAR,
+                                box=(left, top, left + w, top + h)))
+    if rng.random() < 0.5:
+      out = out[:, ::-1]
+    return {"image": out, "label": np.int32(element["label"]), "valid": np.True_}
+
+
 def eval_transform(image: np.ndarray, resize: int, crop: int) -> np.ndarray:
   """torchvision's Resize(resize, BICUBIC) (shorter side) + CenterCrop(crop), uint8 -> uint8."""
   img = Image.fromarray(image)
@@ -191,8 +213,7 @@ def device_crops(image: jax.Array, boxes: jax.Array, flips: jax.Array, size: int
       jnp.einsum("bnih,bhwc->bniwc", rows, x)), cols))
   cols_first = to_uint8_grid(jnp.einsum("bnih,bnhjc->bnijc", rows, to_uint8_grid(
       jnp.einsum("bhwc,bnjw->bnhjc", x, cols))))
-  # Pillow 13 runs the vertical pass first where h > size and 2 w < h + size (found by emulating
-  # both orders exactly against it for every h, w < 64 at sizes 8, 16, 32), else the horizontal.
+  # Pillow's pass order for these sizes (docs/notes/data.md, "Pillow's resize pass order").
   rows_first_where = (h > size) & (2 * w < h + size)
   return jnp.where(rows_first_where[..., None, None, None], rows_first, cols_first) / 255.0
 
@@ -240,8 +261,8 @@ def gaussian_blur(img: jax.Array, sigma: jax.Array, kernel_size: int) -> jax.Arr
   """torchvision's gaussian_blur(img, [k, k], [sigma, sigma]) on tensors, one sigma per image:
   a separable Gaussian of kernel_size taps at integer offsets, normalised, reflect padding.
 
-  Each pass is a matrix product with an (n, n) matrix holding the taps at their reflected
-  source pixels: on small crops (the CPU main job) twice as fast as summing shifted slices.
+  Each pass is a matrix product with an (n, n) matrix of the taps at their reflected source
+  pixels, on small crops faster than summed shifts (docs/notes/data.md, "Blur as matrices").
   """
   half = kernel_size // 2
   offsets = jnp.arange(kernel_size) - half
@@ -301,8 +322,8 @@ def color_jitter(img: jax.Array, p: dict[str, jax.Array]) -> jax.Array:
   its grayscale (torchvision's _blend); hue rotates it in HSV. Hue, the costly one, is computed
   once: three blend steps before it and three after, each applying the next non-hue op where it
   falls on that side of hue and the identity (factor 1, exact) elsewhere. The steps are a loop,
-  not an unrolled chain: XLA's CPU fusion would recompute the chain for every op that reads a
-  pixel's three channels (measured 4x slower on the main job's crops).
+  not an unrolled chain, which XLA's CPU fusion would recompute for every read of a pixel's three
+  channels (docs/notes/data.md, "Colour jitter as a loop").
   """
   order = p["order"]
   hue_at = jnp.argmax(order == 3, -1)
@@ -368,3 +389,11 @@ def device_augment(config: mlc.ConfigDict) -> Callable[[jax.Array, dict], dict]:
     return batch
 
   return augment
+
+
+def normalize(images: jax.Array) -> jax.Array:
+  """uint8 or [0, 1] float (..., 3) -> ImageNet-normalised float32: every network's input (the
+  release's final transforms.Normalize), on the device."""
+  if images.dtype == jnp.uint8:
+    images = images.astype(jnp.float32) / 255.0
+  return (images - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)

@@ -1,4 +1,5 @@
-"""grain input pipelines: multi-crop training batches, padded evaluation batches, sharded arrays.
+"""grain input pipelines: multi-crop training batches, the linear probe's training batches, padded
+evaluation batches, sharded arrays.
 
 Training: source -> shuffle (seed, reshuffled each epoch) -> repeat -> MultiCrop (host crops and
 flips, deterministic from (seed, epoch, index)) -> batch -> this process's batches -> threads or
@@ -11,13 +12,17 @@ boundaries (no image is dropped; an epoch is len(source) // batch_size steps, as
 drop_last). The iterator is checkpointed with grain's own state (get_state / set_state; through
 orbax with grain.checkpoint.CheckpointSave / CheckpointRestore).
 
+Linear probe (`probe_train_batches`) and evaluation (`eval_batches`): one pass over a split, every
+image once, each process padding its shorter share with invalid batches so that all take part in
+every global step.
+
 Shapes: B per-process batch, G = 2 global crops, L local crops.
 """
 from __future__ import annotations
 
 import functools
 import math
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import grain
 import jax
@@ -70,16 +75,33 @@ def eval_batches(config: mlc.ConfigDict, split: str, batch_size: int, *, process
                                 d.eval_resize, crop=config.global_crops_size)
   pad = functools.partial(grain.experimental.batch_and_pad, batch_size=batch_size)
   ds = grain.MapDataset.source(source)[start:stop].map(transform).batch(batch_size, batch_fn=pad)
-  done = 0
-  if stop > start:
-    for batch in _prefetch(ds, d):
-      done += 1
-      yield batch
-  if done < num_batches:
-    padding = pad([transform(source[0])])
-    padding["valid"][:] = False
-    for _ in range(num_batches - done):
-      yield padding
+  yield from _padded(_prefetch(ds, d) if stop > start else (), num_batches,
+                     lambda: pad([transform(source[0])]))
+
+
+def probe_train_batches(config: mlc.ConfigDict, epoch: int, batch_size: int, *,
+                        process_index: int = 0, process_count: int = 1
+                        ) -> Iterator[dict[str, np.ndarray]]:
+  """This process's batches of the train split for one epoch of the linear probe.
+
+  Elements: {'image': uint8 (B, S, S, 3), 'label': int32 (B,), 'valid': bool (B,)},
+  B = batch_size // process_count, S = global_crops_size: augment.RandomResizedCropFlip crops
+  (scale eval.linear_crop_scale). A fresh shuffle each epoch (seed from (config.seed, epoch));
+  process p takes every P-th image of it. ceil(N / batch_size) batches on every process, no image
+  dropped: the last ones padded with valid = False.
+  """
+  source = make_source(config, config.data.train_split)
+  seed = int(np.random.SeedSequence([config.seed, epoch]).generate_state(1)[0])
+  crop = augment.RandomResizedCropFlip(config.global_crops_size,
+                                       tuple(config.eval.linear_crop_scale))
+  local = batch_size // process_count
+  ds = grain.MapDataset.source(source).shuffle(seed=seed).random_map(crop, seed=seed)
+  ds = ds[process_index::process_count]
+  pad = functools.partial(grain.experimental.batch_and_pad, batch_size=local)
+  ds = ds.batch(local, batch_fn=pad).to_iter_dataset(
+      grain.ReadOptions(num_threads=config.data.threads, prefetch_buffer_size=4))
+  yield from _padded(ds, math.ceil(len(source) / batch_size),
+                     lambda: pad([crop.random_map(source[0], np.random.default_rng(0))]))
 
 
 def global_batch(local_batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding
@@ -123,6 +145,22 @@ def _eval_record(record: dict, resize: int | None, crop: int) -> dict[str, np.nd
   if "object_mask" in record:
     out["object_mask"] = record["object_mask"]
   return out
+
+
+def _padded(batches: Iterable[dict[str, np.ndarray]], num_batches: int,
+            padding: Callable[[], dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+  """`batches`, then one invalid batch (padding() with 'valid' all False) repeated up to
+  num_batches: a process with a shorter share yields as many batches as the others, so that
+  every process takes part in every global step."""
+  done = 0
+  for batch in batches:
+    done += 1
+    yield batch
+  if done < num_batches:
+    invalid = padding()
+    invalid["valid"][:] = False
+    for _ in range(num_batches - done):
+      yield invalid
 
 
 def _prefetch(ds: grain.MapDataset, d: mlc.ConfigDict) -> grain.IterDataset:

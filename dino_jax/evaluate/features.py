@@ -19,8 +19,10 @@ from jax.sharding import Mesh
 
 from dino_jax import checkpoint
 from dino_jax import sharding as sharding_lib
-from dino_jax import train as train_lib
+from dino_jax import state as state_lib
 from dino_jax.data import pipeline
+from dino_jax.data.augment import normalize
+from dino_jax.models import build_models, crop_shapes, init_variables
 
 
 def l2_normalize(x: jax.Array) -> jax.Array:
@@ -30,7 +32,7 @@ def l2_normalize(x: jax.Array) -> jax.Array:
 
 def cls_features(backbone: nn.Module, params: Any, images: jax.Array) -> jax.Array:
   """uint8 or [0, 1] images (B, H, W, 3) -> L2-normalised final-LN [CLS] features (B, D)."""
-  return l2_normalize(backbone.apply({"params": params}, train_lib.normalize(images)))
+  return l2_normalize(backbone.apply({"params": params}, normalize(images)))
 
 
 def linear_features(backbone: nn.Module, params: Any, images: jax.Array, n_last_blocks: int = 4,
@@ -43,7 +45,7 @@ def linear_features(backbone: nn.Module, params: Any, images: jax.Array, n_last_
   """
   if avgpool_patchtokens and n_last_blocks != 1:
     raise ValueError("avgpool_patchtokens needs n_last_blocks=1 (as in the release)")
-  tokens = backbone.apply({"params": params}, train_lib.normalize(images), n_last_blocks,
+  tokens = backbone.apply({"params": params}, normalize(images), n_last_blocks,
                           method="get_intermediate_layers")  # n x (B, T, D)
   out = jnp.concatenate([t[:, 0] for t in tokens], axis=-1)
   if avgpool_patchtokens:
@@ -125,17 +127,17 @@ def load_backbone(workdir: str, which: str = "teacher", step: int | None = None
   """(config, backbone module, backbone params, step) from a workdir's latest (or given)
   checkpoint: the teacher by default, or the student."""
   config, params, step = checkpoint.restore_params(workdir, which, step)
-  student, teacher = train_lib.build_models(config)
+  student, teacher = build_models(config)
   return config, (teacher if which == "teacher" else student).backbone, params["backbone"], step
 
 
 def random_init_backbone(config: mlc.ConfigDict) -> Any:
   """The backbone params a run of this config starts from (the student's init from config.seed,
   which the teacher copies): the baseline that shows what training added."""
-  *_, init = train_lib.make_training(config, 1, 1)
+  student, _ = build_models(config)
 
   def backbone_init():
-    init_rng, _ = jax.random.split(jax.random.PRNGKey(config.seed))  # as train_and_evaluate
-    return init(init_rng).params["backbone"]
+    init_rng, _ = state_lib.seed_rngs(config.seed)
+    return init_variables(student, init_rng, crop_shapes(config))["params"]["backbone"]
 
   return jax.jit(backbone_init)()

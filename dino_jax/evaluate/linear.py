@@ -6,9 +6,10 @@ patch token (ViT-B), each final-LN-normed (features.linear_features). A linear l
 normal std 0.01, zero bias) trained with SGD (momentum 0.9, no weight decay), lr = base_lr x
 batch / 256, cosine-annealed to 0 once an epoch (torch's CosineAnnealingLR(T_max=epochs)
 stepped per epoch: constant within an epoch); cross-entropy.
-Train images: RandomResizedCrop (scale (0.08, 1), bilinear, as torchvision's default) + flip,
-reshuffled every epoch, no image dropped (the last batch padded and masked); eval images: the
-pipeline's eval transform (resize + centre crop). Checkpointed after every epoch and resumed.
+Train images (data.pipeline.probe_train_batches): RandomResizedCrop (scale (0.08, 1), bilinear,
+as torchvision's default) + flip, reshuffled every epoch, no image dropped (the last batch padded
+and masked); eval images (data.pipeline.eval_batches): the eval transform (resize + centre crop).
+Checkpointed after every epoch (checkpoint.probe_manager) and resumed.
 The release reports the best epoch's top-1 on the eval split; here `top1` / `top5` are the last
 epoch's and `best_top1` the release's figure.
 
@@ -16,16 +17,14 @@ Shapes: B batch, F = D x (n_last_blocks + avgpool) features, C classes.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
 import os
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import flax
 import flax.linen as nn
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections as mlc
@@ -33,11 +32,10 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import logging
-from PIL import Image
 
 from dino_jax import checkpoint
 from dino_jax import sharding as sharding_lib
-from dino_jax.data import augment, pipeline
+from dino_jax.data import pipeline
 from dino_jax.data.sources import make_source
 from dino_jax.evaluate import features as features_lib
 
@@ -138,9 +136,7 @@ def train(featurize: Callable[[Any, jax.Array], jax.Array], backbone_params: Any
 
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
                           jax.eval_shape(init, seed))
-  mngr = None if ckpt_dir is None else ocp.CheckpointManager(
-      checkpoint.absolute(ckpt_dir), options=ocp.CheckpointManagerOptions(max_to_keep=2),
-      item_names=("state", "history"))
+  mngr = None if ckpt_dir is None else checkpoint.probe_manager(ckpt_dir)
   start, history = 0, []
   if mngr is not None and mngr.latest_step() is not None:
     start = mngr.latest_step()
@@ -184,50 +180,8 @@ def train(featurize: Callable[[Any, jax.Array], jax.Array], backbone_params: Any
 
 
 # ----------------------------------------------------------------------------------------------
-# Data and the command's run.
+# The command's run.
 # ----------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class RandomResizedCropFlip(grain.transforms.RandomMap):
-  """torchvision's RandomResizedCrop(size) (bilinear, its default) + RandomHorizontalFlip, the
-  release's linear-probe train transform. {'image', 'label'} -> {'image', 'label', 'valid'}."""
-  size: int
-  scale: tuple[float, float] = (0.08, 1.0)
-
-  def random_map(self, element: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    img = Image.fromarray(element["image"])
-    top, left, h, w = augment.random_resized_crop_box(rng, img.width, img.height, self.scale)
-    out = np.asarray(img.resize((self.size, self.size), Image.BILINEAR,
-                                box=(left, top, left + w, top + h)))
-    if rng.random() < 0.5:
-      out = out[:, ::-1]
-    return {"image": out, "label": np.int32(element["label"]), "valid": np.True_}
-
-
-def train_batches(config: mlc.ConfigDict, epoch: int, batch_size: int, *, process_index: int = 0,
-                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-  """This process's augmented batches of the train split for one epoch: a fresh shuffle each
-  epoch, ceil(N / batch_size) global steps, the last padded (valid False)."""
-  e = config.eval
-  source = make_source(config, config.data.train_split)
-  seed = int(np.random.SeedSequence([config.seed, epoch]).generate_state(1)[0])
-  crop = RandomResizedCropFlip(config.global_crops_size, tuple(e.linear_crop_scale))
-  local = batch_size // process_count
-  ds = grain.MapDataset.source(source).shuffle(seed=seed).random_map(crop, seed=seed)
-  ds = ds[process_index::process_count]
-  pad = functools.partial(grain.experimental.batch_and_pad, batch_size=local)
-  ds = ds.batch(local, batch_fn=pad).to_iter_dataset(
-      grain.ReadOptions(num_threads=config.data.threads, prefetch_buffer_size=4))
-  steps = math.ceil(len(source) / batch_size)
-  done = 0
-  for batch in ds:
-    done += 1
-    yield batch
-  for _ in range(steps - done):  # processes with a shorter share pad with invalid batches
-    padding = pad([crop.random_map(source[0], np.random.default_rng(0))])
-    padding["valid"][:] = False
-    yield padding
-
-
 def run(config: mlc.ConfigDict, workdir: str, which: str = "teacher") -> dict[str, Any]:
   """The linear probe of a workdir's teacher (or student): writes eval/linear.json."""
   e = config.eval
@@ -255,8 +209,8 @@ def run(config: mlc.ConfigDict, workdir: str, which: str = "teacher") -> dict[st
   result = train(
       featurize, params,
       num_features=backbone.embed_dim * (n_last + int(avgpool)), num_labels=num_labels,
-      train_batches=lambda ep: train_batches(config, ep, batch_size, process_index=pi,
-                                             process_count=pc),
+      train_batches=lambda ep: pipeline.probe_train_batches(config, ep, batch_size,
+                                                            process_index=pi, process_count=pc),
       eval_batches=lambda: pipeline.eval_batches(config, config.data.eval_split, local,
                                                  process_index=pi, process_count=pc),
       epochs=epochs, steps_per_epoch=math.ceil(len(source) / batch_size), batch_size=batch_size,

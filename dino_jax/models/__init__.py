@@ -1,4 +1,5 @@
-"""Flax modules: the ViT backbone and the DINO head."""
+"""Flax modules: the ViT backbone and the DINO head; build.py makes them from a training config."""
+from dino_jax.models.build import build_models, crop_shapes, init_variables
 from dino_jax.models.head import DINOHead, MultiCropWrapper
 from dino_jax.models.vit import (SIZES, VisionTransformer, build_vit, resize_pos_embed, vit_base,
                                  vit_large, vit_small, vit_tiny)

@@ -35,10 +35,10 @@ class WeightNormDense(nn.Module):
                    self.param_dtype)
     g = self.param("kernel_g", nn.initializers.ones, (1, self.features), self.param_dtype)
     # x W = (x V) * g / ||V||: the same map with the column scale applied to the (B, K) output.
-    # Computed inside the matmul's operand, as W, XLA:CPU fused the norm into the matmul and ran
-    # it in 1.6-4.6 s for 32 rows of K = 65536 (8 ms as a plain matmul). The squared norms as a
-    # ones-row matmul: XLA:CPU's reduction over the leading axis is 4x slower; HIGHEST keeps it
-    # float32 on TPU and GPU. benchmarks/RESULTS.md.
+    # Computed inside the matmul's operand, as W, XLA:CPU fuses the norm into the matmul and runs
+    # it many times slower than a plain matmul at a few rows. The squared norms as a ones-row
+    # matmul: XLA:CPU's reduction over the leading axis is slower; HIGHEST keeps it float32 on TPU
+    # and GPU (docs/notes/models.md, "The weight-normalised last layer").
     sq_norm = jnp.dot(jnp.ones((1, v.shape[0]), v.dtype), jnp.square(v),
                       precision=jax.lax.Precision.HIGHEST)  # (1, K)
     return jnp.dot(x.astype(self.dtype), v.astype(self.dtype)) * (g * jax.lax.rsqrt(sq_norm))

@@ -55,7 +55,8 @@ def gelu(x: jax.Array) -> jax.Array:
 
   Checkpointed: the backward pass keeps x and recomputes the terms of the derivative from it,
   where autodiff of the formula would keep 0.5 x, erfc(-x / sqrt 2) and exp(-x^2 / 2), arrays the
-  size of the MLP's hidden layer (the largest activations of a block). Same gradient.
+  size of the MLP's hidden layer (the largest activations of a block). Same gradient
+  (docs/notes/models.md, "Backward-pass memory").
   """
   return nn.gelu(x, approximate=False)
 
@@ -129,8 +130,8 @@ class Attention(nn.Module):
 
   impl: 'matmul' (softmax(q k^T * s) v written out; also the only form that returns the weights),
   'xla' or 'cudnn' (jax.nn.dot_product_attention with that implementation; cudnn is the fused
-  flash kernel on NVIDIA GPUs, bf16/fp16 only). Same numbers up to rounding; which is fastest is
-  measured by benchmarks/attention.py per platform (benchmarks/RESULTS.md).
+  flash kernel on NVIDIA GPUs, bf16/fp16 only). Same numbers up to rounding; which is fastest
+  depends on the platform and the heads' width (docs/notes/models.md, "Attention forms").
 
   The softmax is differentiated through jax's custom JVP (jax.softmax_custom_jvp), which keeps
   only softmax's output for the backward pass; the default keeps its exp and sum as well.

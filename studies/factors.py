@@ -1,6 +1,6 @@
 """What a shapes-trained teacher's [CLS] features encode: the class, or the nuisance factors?
 
-  python benchmarks/factors.py --workdir WORKDIR [--which teacher]
+  python studies/factors.py --workdir WORKDIR [--which teacher]
 
 Weighted 20-NN (as the main job's k-NN: T 0.07, train split as the bank, eval split as queries)
 predicting, from the same features, the shape class and each factor the generator draws: polarity
@@ -9,7 +9,7 @@ predicting, from the same features, the shape class and each factor the generato
 rotation (quadrant). A factor predicted far above its chance
 (the majority share) is something the features encode; the trained row next to the random-init row
 shows what training added. This is the measurement behind the main job's data choices
-(configs/default.py). Prints a table and, as its last line, one JSON object.
+(docs/notes/main_job.md). Prints a table and, as its last line, one JSON object.
 """
 import json
 
@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from dino_jax.data import sources
+from dino_jax.data import shapes, sources
 from dino_jax.evaluate import features, knn
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir trained on data.source=shapes.",
@@ -25,7 +25,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir trained on data.sourc
 _WHICH = flags.DEFINE_enum("which", "teacher", ["teacher", "student"], "Which network.")
 
 
-def factors(src: sources.ShapesSource) -> dict[str, np.ndarray]:
+def factors(src: shapes.ShapesSource) -> dict[str, np.ndarray]:
   """{factor: (N,) int labels} of every record of src (from its draws, not its pixels)."""
   p = [src.params(i) for i in range(len(src))]
   tercile = lambda x, lo, hi: np.digitize(x, [lo + (hi - lo) / 3, lo + 2 * (hi - lo) / 3])

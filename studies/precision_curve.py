@@ -1,6 +1,6 @@
 """bf16 compute against fp32: the same run's training curves, side by side.
 
-  python benchmarks/precision_curve.py --root /tmp/precision [--steps 200] [--config.KEY=VALUE ...]
+  python studies/precision_curve.py --root /tmp/precision [--steps 200] [--config.KEY=VALUE ...]
 
 Runs `python -m dino_jax.train --config configs/default.py` for --steps steps twice, with
 model.dtype float32 and bfloat16 (params, optimizer state, head and loss stay float32 in both),

@@ -1,7 +1,7 @@
 """The main job's ViT trained *with labels* for the same wall time: the ceiling for k-NN on the
 embedded data, and the proof that the data is learnable.
 
-  python benchmarks/learnability.py --seconds 480 [--steps N] [--config configs/default.py]
+  python studies/learnability.py --seconds 480 [--steps N] [--config configs/default.py]
 
 Training stops after --seconds or --steps (default: the config's total_steps; also the length of
 the lr schedule), whichever comes first (--config: a config file, read by
@@ -11,7 +11,7 @@ teacher), so matching the main job's wall time takes more steps than its total_s
 Same backbone, same host crops and on-device photometric augmentation (first global crop only),
 a linear classifier on the final-LN [CLS] trained with cross-entropy by AdamW (the config's lr
 scaling, warm-up and cosine over the planned steps, weight decay 0.05). Then the main job's own
-evaluation of the backbone (report.evaluate: k-NN on [CLS], attention Jaccard), printed with the
+evaluation of the backbone (scores.evaluate: k-NN on [CLS], attention Jaccard), printed with the
 supervised classifier's accuracy, as a table and one JSON line.
 """
 import argparse
@@ -30,9 +30,9 @@ import optax
 from dino_jax import config as config_lib
 from dino_jax import schedules
 from dino_jax import sharding as sharding_lib
-from dino_jax import train as train_lib
 from dino_jax.data import augment, pipeline, sources
-from dino_jax.evaluate import report
+from dino_jax.evaluate import scores
+from dino_jax.models import build_models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,7 +65,7 @@ def main():
         .random_map(with_label).batch(config.batch_size, drop_remainder=True))
   data = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)))
 
-  student, _ = train_lib.build_models(config)
+  student, _ = build_models(config)
   model = Supervised(student.backbone, source.num_classes)
   g = config.global_crops_size
   params = model.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, g, g, 3)))["params"]
@@ -82,7 +82,7 @@ def main():
     images = photometric(rng, crops)["global"][:, 0]
 
     def loss_fn(p):
-      logits = model.apply({"params": p}, train_lib.normalize(images))
+      logits = model.apply({"params": p}, augment.normalize(images))
       return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean(), logits
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -103,13 +103,13 @@ def main():
   # The classifier's accuracy on the eval split, then the main job's evaluation of the backbone.
   correct = total = 0
   for batch in pipeline.eval_batches(config, config.data.eval_split, 200):
-    logits = model.apply({"params": params}, train_lib.normalize(jnp.asarray(batch["image"])))
+    logits = model.apply({"params": params}, augment.normalize(jnp.asarray(batch["image"])))
     ok = (np.argmax(logits, -1) == batch["label"]) & batch["valid"]
     correct, total = correct + int(ok.sum()), total + int(batch["valid"].sum())
-  results, _ = report.evaluate(config, student.backbone, {"supervised": params["backbone"]},
+  results, _ = scores.evaluate(config, student.backbone, {"supervised": params["backbone"]},
                                ks=config.eval.nb_knn, temperature=config.eval.knn_temperature,
                                mesh=sharding_lib.make_mesh())
-  print(report.format_table(results))
+  print(scores.format_table(results))
   att = results["supervised"]["attention"]
   out = {"seed": args.seed, "steps": n, "train_seconds": train_s,
          "classifier_top1": 100.0 * correct / total,

@@ -1,6 +1,6 @@
 """How linearly separable a workdir's features are, beside the release's SGD linear probe.
 
-  python benchmarks/linear_separability.py --workdir workdirs/default
+  python studies/linear_separability.py --workdir workdirs/default
 
 The eval_linear probe follows the release (SGD on raw, augmented features, a fixed number of
 epochs). This fits a logistic regression to convergence instead, on the features of un-augmented

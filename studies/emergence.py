@@ -1,6 +1,6 @@
 """The main job for several seeds: wall time, k-NN and attention figures, mean and spread.
 
-  python benchmarks/emergence.py --seeds 0 1 2 --root workdirs/emergence [--config.KEY=VALUE ...]
+  python studies/emergence.py --seeds 0 1 2 --root workdirs/emergence [--config.KEY=VALUE ...]
 
 Each seed runs `python -m dino_jax.train --config configs/default.py --workdir ROOT/seedS
 --config.seed=S` exactly as README block 1 does (plus any --config overrides given here) and reads

@@ -1,25 +1,23 @@
 """Self-attention maps of the last block's [CLS] query, their 60%-mass masks, and how well they find
 the object (the paper's Figures 1 and 3, and its Jaccard comparison with object masks).
 
+Their pictures are drawn by plots.py.
+
 Shapes: B batch, h heads, gh x gw patch grid (N = gh * gw patches), p patch size, H x W image
 (H = gh * p, W = gw * p).
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import matplotlib
-import matplotlib.image
 import numpy as np
-from matplotlib.figure import Figure
 from PIL import Image
 
-from dino_jax import train as train_lib
+from dino_jax.data.augment import normalize
 
 
 def cls_attention(backbone: nn.Module, params: Any, images: jax.Array) -> jax.Array:
@@ -28,7 +26,7 @@ def cls_attention(backbone: nn.Module, params: Any, images: jax.Array) -> jax.Ar
   The [CLS] -> [CLS] entry is left out, so a head's map sums to less than 1.
   """
   p = backbone.patch_size
-  attn = backbone.apply({"params": params}, train_lib.normalize(images),
+  attn = backbone.apply({"params": params}, normalize(images),
                         method="get_last_selfattention")  # (B, h, T, T)
   b, h = attn.shape[:2]
   return attn[:, :, 0, 1:].reshape(b, h, images.shape[1] // p, images.shape[2] // p)
@@ -130,85 +128,3 @@ def load_image(image: str | os.PathLike | Image.Image | np.ndarray,
   img = np.asarray(img.resize(size, Image.BILINEAR))
   h, w = img.shape[0] - img.shape[0] % patch_size, img.shape[1] - img.shape[1] % patch_size
   return img[:h, :w]
-
-
-def overlay(image: np.ndarray, mask: np.ndarray, color=(1.0, 0.2, 0.2), alpha: float = 0.5
-            ) -> np.ndarray:
-  """uint8 image (H, W, 3) with a bool mask (H, W) tinted: float (H, W, 3) in [0, 1]."""
-  img = image.astype(np.float32) / 255.0
-  return np.where(mask[..., None], (1 - alpha) * img + alpha * np.asarray(color), img)
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _upsampled_jit(maps, patch_size, threshold):
-  return upsample(maps, patch_size), upsample(mass_masks(maps, threshold), patch_size)
-
-
-def _upsampled(maps: np.ndarray, patch_size: int, threshold: float
-               ) -> tuple[np.ndarray, np.ndarray]:
-  """Host maps (..., gh, gw) -> host upsampled maps and masks (explicit transfers only)."""
-  return jax.device_get(_upsampled_jit(jax.device_put(np.asarray(maps)), patch_size, threshold))
-
-
-def colorize(m: np.ndarray, cmap: str = "viridis") -> np.ndarray:
-  """(H, W) values -> float RGB (H, W, 3), min to max over the colormap (as imshow scales)."""
-  lo, hi = float(m.min()), float(m.max())
-  return matplotlib.colormaps[cmap]((m - lo) / (hi - lo) if hi > lo else np.zeros_like(m))[..., :3]
-
-
-def plot_grid(path: str, images: np.ndarray, maps: np.ndarray, patch_size: int,
-              threshold: float = 0.6, object_masks: np.ndarray | None = None,
-              titles: Sequence[str] | None = None) -> None:
-  """One row per image: the image, [the object mask], each head's map, each head's mask overlaid.
-
-  images (B, H, W, 3) uint8; maps (B, h, gh, gw); object_masks (B, H, W) bool or None. The tiles
-  are laid out in one array and drawn once (a grid of axes takes seconds to lay out).
-  """
-  b, h = maps.shape[:2]
-  up_maps, up_masks = _upsampled(maps, patch_size, threshold)
-  ih, iw = up_maps.shape[-2:]
-  names = ["image"] + ["object"] * (object_masks is not None) + [f"head {j}" for j in range(h)] + [
-      f"{threshold:.0%} mask {j}" for j in range(h)]
-  gap = max(1, ih // 16)
-  grid = np.ones((b * (ih + gap), len(names) * (iw + gap), 3), np.float32)
-  for i in range(b):
-    img = images[i, :ih, :iw]
-    tiles = [img.astype(np.float32) / 255.0]
-    if object_masks is not None:
-      tiles.append(np.repeat(object_masks[i, :ih, :iw, None], 3, -1).astype(np.float32))
-    tiles += [colorize(up_maps[i, j]) for j in range(h)]
-    tiles += [overlay(img, up_masks[i, j]) for j in range(h)]
-    for c, tile in enumerate(tiles):
-      grid[i * (ih + gap):i * (ih + gap) + ih, c * (iw + gap):c * (iw + gap) + iw] = tile
-  scale = 1.2 / max(ih, iw)  # inches per pixel: a tile is 1.2 inches
-  top, left = 0.3, 0.5 if titles is not None else 0.05
-  width, height = grid.shape[1] * scale, grid.shape[0] * scale
-  fig = Figure(figsize=(width + left + 0.05, height + top + 0.05))  # no pyplot: any backend
-  fw, fh = fig.get_figwidth(), fig.get_figheight()
-  ax = fig.add_axes((left / fw, 0.05 / fh, width / fw, height / fh))
-  ax.imshow(grid, interpolation="nearest")
-  ax.set_axis_off()
-  for c, name in enumerate(names):
-    fig.text((left + (c * (iw + gap) + iw / 2) * scale) / fw, 1 - 0.5 * top / fh, name,
-             ha="center", va="center", fontsize=7)
-  for i, title in enumerate(titles or []):
-    fig.text(0.5 * left / fw, 1 - (top + (i * (ih + gap) + ih / 2) * scale) / fh, title,
-             ha="center", va="center", fontsize=7, rotation=90)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=100)
-
-
-def save_heads(outdir: str, image: np.ndarray, maps: np.ndarray, patch_size: int,
-               threshold: float = 0.6) -> list[str]:
-  """The release's files for one image (H, W, 3), maps (h, gh, gw): img.png, attn-head{j}.png
-  (upsampled map, viridis) and mask_th{threshold}_head{j}.png (mask overlaid). Returns the paths."""
-  os.makedirs(outdir, exist_ok=True)
-  up_maps, up_masks = _upsampled(maps, patch_size, threshold)
-  paths = [os.path.join(outdir, "img.png")]
-  Image.fromarray(image).save(paths[0])
-  for j in range(maps.shape[0]):
-    paths.append(os.path.join(outdir, f"attn-head{j}.png"))
-    matplotlib.image.imsave(paths[-1], up_maps[j], format="png")
-    paths.append(os.path.join(outdir, f"mask_th{threshold}_head{j}.png"))
-    matplotlib.image.imsave(paths[-1], overlay(image, up_masks[j]), format="png")
-  return paths

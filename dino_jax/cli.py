@@ -1,0 +1,53 @@
+"""What every `python -m dino_jax.<command>` shares: its log lines, its launch flags, its errors."""
+from __future__ import annotations
+
+import logging as py_logging
+import os
+import sys
+from typing import Callable
+
+import jax
+from absl import app, flags, logging
+
+
+class _OwnInfoOnly(py_logging.Filter):
+  """INFO lines from dino_jax only; other libraries' (orbax logs every save step) from WARNING."""
+
+  def filter(self, record):
+    return record.levelno >= py_logging.WARNING or f"{os.sep}dino_jax{os.sep}" in record.pathname
+
+
+def quiet_library_logs() -> None:
+  """Keeps dino_jax's INFO lines and the warnings of every library on absl's handler."""
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _OwnInfoOnly) for f in handler.filters):
+    handler.addFilter(_OwnInfoOnly())
+
+
+def define_distributed_flags() -> None:
+  """--distributed / --coordinator_address / --num_processes / --process_id."""
+  flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (TPU pods, SLURM, "
+                    "multi-GPU hosts: the same command on every host).")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (implies "
+                      "--distributed; needs --num_processes and --process_id).")
+  flags.DEFINE_integer("num_processes", None, "Processes in a --coordinator_address launch.")
+  flags.DEFINE_integer("process_id", None, "This process's index in that launch.")
+
+
+def initialize_distributed() -> None:
+  """jax.distributed.initialize as the flags of define_distributed_flags ask (else nothing)."""
+  f = flags.FLAGS
+  if f.coordinator_address or f.distributed:
+    jax.distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+  """app.run, with a misspelt --config.KEY reported in one line (exit code 2), not a traceback."""
+  try:
+    app.run(main)
+  except (KeyError, AttributeError) as e:
+    msg = str(e).strip("'\"").replace("\\n", " ").replace("\n", " ")
+    if "Did you mean" not in msg and "does not exist" not in msg:
+      raise
+    print(f"error: unknown config key {msg}", file=sys.stderr)
+    sys.exit(2)

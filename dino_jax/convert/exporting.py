@@ -1,0 +1,127 @@
+"""A dino_jax workdir -> the files PyTorch users exchange (`python -m dino_jax.export_torch`).
+
+Formats (FORMATS): 'pth' (the backbone state_dict with the release's key names; with_head: the
+release's MultiCropWrapper layout, 'backbone.*' and 'head.*'), 'safetensors' (the same tensors;
+metadata: arch, patch size, heads, step), 'hf' (a transformers.ViTModel directory, backbone only)
+and 'full' (the release's full training checkpoint: both networks, the AdamW state, 'epoch',
+'args', 'dino_loss'). The export_torch module docstring says what each loads into.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections as mlc
+import numpy as np
+from absl import logging
+
+from dino_jax import checkpoint
+from dino_jax import state as state_lib
+from dino_jax.convert import files, hf, optimizer
+from dino_jax.convert.state_dicts import flax_to_torch, torch_extra
+from dino_jax.models import build_models
+
+FORMATS = ("pth", "safetensors", "hf", "full")
+
+
+def load_state(workdir: str, step: int | None = None) -> tuple[Any, Any, int]:
+  """(config, TrainState of host numpy arrays, step) of a workdir's latest (or given) checkpoint."""
+  config = checkpoint.load_config(workdir)
+  abstract = state_lib.abstract_state(config)
+  dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), abstract)
+  mngr = checkpoint.manager(workdir, read_only=True)
+  try:
+    restored = checkpoint.restore(mngr, target, step=step)
+  finally:
+    mngr.close()
+  if restored is None:
+    raise FileNotFoundError(f"no readable checkpoint in {workdir}/checkpoints")
+  step, state = restored
+  return config, jax.tree.map(np.asarray, state), step
+
+
+def backbone_shape(config: mlc.ConfigDict) -> dict[str, int]:
+  """embed_dim, depth, num_heads, mlp_dim, patch_size, img_size of the config's ViT."""
+  vit = build_models(config)[0].backbone
+  return dict(embed_dim=vit.embed_dim, depth=vit.depth, num_heads=vit.num_heads,
+              mlp_dim=int(vit.embed_dim * vit.mlp_ratio), patch_size=vit.patch_size,
+              img_size=vit.img_size)
+
+
+def _completed_epochs(workdir: str, config: mlc.ConfigDict, step: int) -> int:
+  """Epochs done at `step` (the release's 'epoch'): by config.steps_per_epoch, else the trainer's
+  metrics.jsonl; 0 when neither tells."""
+  per_epoch = config.steps_per_epoch
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not per_epoch and os.path.exists(path):  # the trainer logs epoch = step / steps_per_epoch
+    with open(path) as f:
+      rows = [json.loads(r) for r in f if r.strip()]
+    rows = [r for r in rows if r.get("epoch")]
+    if rows:
+      per_epoch = round(rows[-1]["step"] / rows[-1]["epoch"])
+  return step // per_epoch if per_epoch else 0
+
+
+def _tensors(tree: Any) -> Any:
+  torch = torch_extra("torch")
+  return jax.tree.map(lambda x: torch.from_numpy(np.array(x)), tree)
+
+
+def export(workdir: str, output: str, *, which: str = "teacher", with_head: bool = False,
+           fmt: str = "pth", step: int | None = None) -> dict[str, Any]:
+  """Writes `output` in format `fmt`; returns {'path', 'format', 'step', 'keys'}."""
+  if fmt not in FORMATS:
+    raise ValueError(f"format {fmt!r}: expected one of {FORMATS}")
+  if which not in ("teacher", "student"):
+    raise ValueError(f"which={which!r}: expected 'teacher' or 'student'")
+  if fmt == "hf" and with_head:
+    raise ValueError("--format hf holds the backbone only (transformers.ViTModel has no DINO "
+                     "head); export the head with --format pth or safetensors --with_head")
+  config, state, step = load_state(workdir, step)
+  shape = backbone_shape(config)
+  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  if fmt == "full":
+    torch = torch_extra("torch")
+    bn = config.model.use_bn_in_head
+    obj = {
+        "student": _tensors(flax_to_torch(state.params, state.batch_stats, prefix="module.",
+                                          num_batches_tracked=step)),
+        # The release wraps the teacher in DDP only when the head has BatchNorm.
+        "teacher": _tensors(flax_to_torch(state.teacher_params, state.teacher_batch_stats,
+                                          prefix="module." if bn else "",
+                                          num_batches_tracked=step)),
+        "optimizer": optimizer.optimizer_to_torch(state.opt_state, state.params,
+                                                  norm_last_layer=config.model.norm_last_layer),
+        "epoch": _completed_epochs(workdir, config, step),
+        "args": files.release_args(config),
+        "dino_loss": {"center": torch.from_numpy(np.array(state.center))},
+    }
+    torch.save(obj, output)
+    keys = list(obj)
+  else:
+    params = state.teacher_params if which == "teacher" else state.params
+    stats = state.teacher_batch_stats if which == "teacher" else state.batch_stats
+    if with_head:
+      sd = flax_to_torch(params, stats, num_batches_tracked=step)
+    else:
+      sd = flax_to_torch(params["backbone"])
+    if fmt == "pth":
+      torch_extra("torch").save(_tensors(sd), output)
+    elif fmt == "safetensors":
+      save_file = torch_extra("safetensors.numpy").save_file
+      meta = {"format": "pt", "arch": config.model.arch, "patch_size": str(shape["patch_size"]),
+              "num_heads": str(shape["num_heads"]), "which": which, "step": str(step)}
+      save_file(sd, output, metadata=meta)
+    else:  # hf
+      save_file = torch_extra("safetensors.numpy").save_file
+      os.makedirs(output, exist_ok=True)
+      with open(os.path.join(output, "config.json"), "w") as f:
+        json.dump(hf.hf_config(**shape), f, indent=2)
+      sd = hf.release_to_hf(sd)
+      save_file(sd, os.path.join(output, "model.safetensors"), metadata={"format": "pt"})
+    keys = list(sd)
+  logging.info("wrote %s (%s, %s, step %d)", output, fmt, "full" if fmt == "full" else which, step)
+  return {"path": output, "format": fmt, "step": step, "keys": keys}

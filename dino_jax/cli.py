@@ -18,10 +18,16 @@ class _OwnInfoOnly(py_logging.Filter):
 
 
 def quiet_library_logs() -> None:
-  """Keeps dino_jax's INFO lines and the warnings of every library on absl's handler."""
+  """Keeps dino_jax's INFO lines and the warnings of every library on absl's handler; processes
+  other than 0 log warnings and errors only, so a launch of many processes logs its progress once.
+
+  Call it after initialize_distributed: it reads this process's index.
+  """
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _OwnInfoOnly) for f in handler.filters):
     handler.addFilter(_OwnInfoOnly())
+  if jax.process_index() != 0:
+    logging.set_verbosity(logging.WARNING)
 
 
 def define_distributed_flags() -> None:

@@ -1,21 +1,24 @@
 """Weighted k-NN evaluation of a workdir's teacher (or student) [CLS] features.
 
   python -m dino_jax.eval_knn --workdir DIR [--nb_knn 10 20 100 200] [--temperature 0.07] \
-      [--which teacher|student]
+      [--which teacher|student] [--distributed | --coordinator_address HOST:PORT ...]
 
 Train split as the bank, eval split as the queries (config.data.*_split of the workdir's config);
 prints a table and writes DIR/eval/knn.json ({"top1": {"20": ..}, "top5": {..}}, percent), or
-DIR/eval/knn_student.json for --which student.
+DIR/eval/knn_student.json for --which student. On several processes (the launch flags of
+train.py) each extracts its share of the features; process 0 prints and writes.
 """
 from __future__ import annotations
 
 import os
 import sys
 
+import jax
 from absl import flags, logging
 
 from dino_jax import cli
-from dino_jax.evaluate import features, report, scores
+from dino_jax import paths
+from dino_jax.evaluate import features, scores
 
 
 def _define_flags() -> None:
@@ -26,6 +29,7 @@ def _define_flags() -> None:
                      "eval.knn_temperature, 0.07).")
   flags.DEFINE_enum("which", "teacher", ["teacher", "student"], "Network to evaluate.")
   flags.DEFINE_integer("batch_size", None, "Images per feature batch (default: eval.batch_size).")
+  cli.define_distributed_flags()
   flags.mark_flags_as_required(["workdir"])
 
 
@@ -35,6 +39,7 @@ def _nb_knn_values(argv: list[str]) -> list[int]:
 
 
 def main(argv) -> None:
+  cli.initialize_distributed()
   cli.quiet_library_logs()
   f = flags.FLAGS
   extra = [a for a in argv[1:] if not a.isdigit()]
@@ -56,8 +61,10 @@ def main(argv) -> None:
     sys.exit(f"eval_knn: {e}")
   if "knn" not in results[f.which]:
     sys.exit(f"eval_knn: the data of {f.workdir} has no labels")
+  if jax.process_index() != 0:
+    return
   name = "knn.json" if f.which == "teacher" else "knn_student.json"
-  report.write_json(os.path.join(f.workdir, "eval", name), results[f.which]["knn"])
+  paths.write_json(os.path.join(f.workdir, "eval", name), results[f.which]["knn"])
   print(f"k-NN, {f.which} at step {step}, T {temperature} (features: "
         f"{speed['train_features_per_sec']:.0f} images/s)")
   print(scores.format_table(results))

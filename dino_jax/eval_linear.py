@@ -1,17 +1,21 @@
 """Linear probe of a workdir's frozen teacher (or student), the release's protocol.
 
   python -m dino_jax.eval_linear --workdir DIR [--which teacher|student] [--epochs 100] \
-      [--lr 0.001] [--batch_size 1024] [--n_last_blocks 4] [--avgpool_patchtokens]
+      [--lr 0.001] [--batch_size 1024] [--n_last_blocks 4] [--avgpool_patchtokens] \
+      [--distributed | --coordinator_address HOST:PORT ...]
 
 Settings default to the workdir config's eval.linear_* keys (dino_jax.evaluate.linear).
 Checkpoints go to DIR/eval/linear_checkpoints_<which>/ after every epoch; rerunning the command
 resumes. Prints a table and writes DIR/eval/linear.json ({"top1", "top5", "best_top1",
 "per_epoch": [..], "which", "step"}), or DIR/eval/linear_student.json for --which student.
+On several processes (the launch flags of train.py) each feeds its share of every batch;
+process 0 prints and writes.
 """
 from __future__ import annotations
 
 import sys
 
+import jax
 from absl import flags
 
 from dino_jax import checkpoint
@@ -35,11 +39,13 @@ def _define_flags() -> None:
                        "(default eval.linear_n_last_blocks: 4, the release's ViT-S setting).")
   flags.DEFINE_bool("avgpool_patchtokens", None, "Add the mean patch token (the release's ViT-B "
                     "setting, with --n_last_blocks 1).")
+  cli.define_distributed_flags()
   flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv) -> None:
   del argv
+  cli.initialize_distributed()
   cli.quiet_library_logs()
   f = flags.FLAGS
   try:
@@ -51,6 +57,8 @@ def main(argv) -> None:
     result = linear.run(config, f.workdir, f.which)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"eval_linear: {e}")
+  if jax.process_index() != 0:
+    return
   print(f"linear probe, {f.which} at step {result['step']}")
   print(f"{'epoch':>5}  {'loss':>8}  {'lr':>9}  {'top-1':>6}  {'top-5':>6}")
   for r in result["per_epoch"]:

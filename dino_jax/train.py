@@ -25,6 +25,7 @@ from dino_jax import config as config_lib
 from dino_jax import losses
 from dino_jax import metrics as metrics_lib
 from dino_jax import optim
+from dino_jax import paths
 from dino_jax import schedules as schedules_lib
 from dino_jax import sharding as sharding_lib
 from dino_jax import state as state_lib
@@ -215,6 +216,7 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
   # -- Checks, before anything compiles. -------------------------------------------------------
   config_lib.validate(config, jax.device_count())
   pipeline.validate(config)
+  paths.check(workdir)  # on every process: a missing client stops them all
   cli.quiet_library_logs()
   is_main = jax.process_index() == 0
   if is_main:
@@ -226,12 +228,8 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
   logging.info("mesh %s over %d devices, %d processes", dict(mesh.shape), jax.device_count(),
                jax.process_count())
 
-  # -- Input. ------------------------------------------------------------------------------------
-  train_ds = pipeline.train_dataset(config, process_index=jax.process_index(),
-                                    process_count=jax.process_count())
   num_images = pipeline.num_examples(config, config.data.train_split)
   steps_per_epoch, total_steps = config_lib.steps(config, num_images)
-  data_iter = iter(train_ds)
 
   # -- Model, optimizer, state shapes and shardings. -------------------------------------------
   init, update = make_step(config, steps_per_epoch, total_steps)
@@ -248,19 +246,31 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
   mngr = checkpoint.manager(workdir, config.keep_checkpoints)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, state_sh)
-  restored = checkpoint.restore(mngr, target, data_iter)
+  run_topology = checkpoint.topology(mesh)
+  restored = checkpoint.restore(mngr, target)
   random_init = None  # the backbone at init, for the closing report's comparison
   if restored is not None:
     start_step, state = restored
     logging.info("resumed from %s/checkpoints/%d", workdir, start_step)
+    saved = checkpoint.saved_topology(mngr, start_step)
+    if saved != run_topology:
+      logging.info("the checkpoint was written by %s, this run is %s: the state is laid out on "
+                   "this mesh, the data continue at step %d as before", saved or "an older run",
+                   run_topology, start_step)
   else:
     start_step = 0
     state = jax.jit(init, out_shardings=state_sh)(init_rng)
     if config.eval.after_training and config.eval.compare_random_init:
-      random_init = jax.device_get(state.params["backbone"])
+      replicate = jax.jit(lambda p: p, out_shardings=repl)  # readable on every process
+      random_init = jax.device_get(replicate(state.params["backbone"]))
     if config.init_from:
-      state = _init_from(state, config.init_from, state_sh)
+      state = checkpoint.init_from(state, config.init_from, state_sh)
   writer = metrics_lib.Writer(workdir, start_step)
+
+  # -- Input: from the step on (data/pipeline.py). -------------------------------------------------
+  data_iter = iter(pipeline.train_dataset(config, process_index=jax.process_index(),
+                                          process_count=jax.process_count(),
+                                          start_step=start_step))
 
   # -- The jitted step. --------------------------------------------------------------------------
   step_fn = jax.jit(
@@ -326,12 +336,12 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
             logging.warning("COLLAPSE: %s", warning)
         if config.eval.every_steps and step % config.eval.every_steps == 0:
           t_eval = time.time()
-          report.during_training(config, build_models(config)[1].backbone,
-                                 state.teacher_params["backbone"],
-                                 step, mesh, writer)
+          with jax.transfer_guard("allow"):  # the evaluation feeds its own batches
+            report.during_training(config, build_models(config)[1].backbone,
+                                   state.teacher_params["backbone"], step, mesh, writer)
           t0 += time.time() - t_eval  # images/s and ETA count training only
         if save_now or stop:
-          checkpoint.save(mngr, step, state, data_iter)
+          checkpoint.save(mngr, step, state, run_topology)
         if stop:
           logging.warning("preempted at step %d: checkpoint saved, exiting", step)
           break
@@ -343,28 +353,6 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
   if step == total_steps and config.eval.after_training:
     report.run(config, workdir, random_init=random_init)
   return state
-
-
-def _init_from(state: state_lib.TrainState, workdir: str, state_sh) -> state_lib.TrainState:
-  """Student, teacher, centre and BatchNorm statistics from another workdir's latest checkpoint;
-  fresh optimizer state and step."""
-  _, source = checkpoint.restore_host(workdir)
-  copied = {}
-  for name in ("params", "teacher_params", "center", "batch_stats", "teacher_batch_stats"):
-    old = getattr(state, name)
-    new = source.get(name, {})
-    flat_new = dict(jax.tree_util.tree_flatten_with_path(new)[0])
-    flat_old, treedef = jax.tree_util.tree_flatten_with_path(old)
-    for path, x in flat_old:
-      if path not in flat_new or flat_new[path].shape != x.shape:
-        got = flat_new[path].shape if path in flat_new else "missing"
-        raise ValueError(f"config.init_from={workdir}: {name}{jax.tree_util.keystr(path)} has "
-                         f"shape {got}, this model needs {x.shape}")
-    leaves = [jnp.asarray(flat_new[path], x.dtype) for path, x in flat_old]
-    copied[name] = jax.device_put(jax.tree_util.tree_unflatten(treedef, leaves),
-                                  getattr(state_sh, name))
-  logging.info("initialised student, teacher, centre and BN statistics from %s", workdir)
-  return state.replace(**copied)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,9 +374,13 @@ def main(argv) -> None:
   try:  # bad config values and data paths: one clear line, before anything compiles
     config_lib.validate(f.config, jax.device_count())
     pipeline.validate(f.config)
+    paths.check(f.workdir)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {e}")
-  train_and_evaluate(f.config, f.workdir)
+  try:
+    train_and_evaluate(f.config, f.workdir)
+  except checkpoint.UnreadableCheckpoint as e:
+    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

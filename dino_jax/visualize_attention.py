@@ -16,7 +16,9 @@ mask_th{threshold}_head{j}.png and attention.png (the grid: image, each head's m
 Without --image (a workdir whose data has object masks, as the embedded `shapes`): the eval split's
 Jaccard of each head's mask, the best head's and the head-mean map's with the object masks, and the
 attention on the object, as the main job reports them -> DIR/eval/attention.json (or
-attention_student.json) and OUTDIR/attention.png (the first eval.attention_images images).
+attention_student.json) and OUTDIR/attention.png (the first eval.attention_images images). It
+runs on several processes too (the launch flags of train.py: each feeds its share of the split);
+process 0 prints and writes. One --image is the work of one process: the others exit.
 """
 from __future__ import annotations
 
@@ -29,8 +31,9 @@ import numpy as np
 from absl import flags
 
 from dino_jax import cli
+from dino_jax import paths
 from dino_jax.convert import importing
-from dino_jax.evaluate import attention_maps, features, plots, report, scores
+from dino_jax.evaluate import attention_maps, features, plots, scores
 from dino_jax.models import VisionTransformer
 
 
@@ -48,6 +51,7 @@ def _define_flags() -> None:
   flags.DEFINE_string("output", None, "Directory for the PNG files.")
   flags.DEFINE_float("threshold", 0.6, "Share of each head's attention mass its mask keeps.")
   flags.DEFINE_list("image_size", ["480", "480"], "One value: the shorter side; two: height,width.")
+  cli.define_distributed_flags()
   flags.mark_flags_as_required(["output"])
 
 
@@ -67,8 +71,10 @@ def split_scores(workdir: str, which: str, output: str, threshold: float) -> Non
   results, _ = scores.evaluate(config, backbone, {which: params}, ks=None)
   if "attention" not in results[which]:
     sys.exit(f"visualize_attention: the eval split of {workdir} has no object masks; give --image")
+  if jax.process_index() != 0:
+    return
   name = "attention.json" if which == "teacher" else "attention_student.json"
-  report.write_json(os.path.join(workdir, "eval", name), results[which]["attention"])
+  paths.write_json(os.path.join(workdir, "eval", name), results[which]["attention"])
   plots.plot_examples(config, results[which]["maps"], backbone.patch_size,
                        os.path.join(output, "attention.png"))
   print(f"attention of the {which} at step {step} on the eval split (threshold {threshold})")
@@ -77,14 +83,21 @@ def split_scores(workdir: str, which: str, output: str, threshold: float) -> Non
 
 def main(argv) -> None:
   del argv
+  cli.initialize_distributed()
   cli.quiet_library_logs()
   f = flags.FLAGS
   if (f.workdir is None) == (f.weights is None):
     sys.exit("visualize_attention: give exactly one of --workdir and --weights")
+  try:
+    paths.check(f.output)
+  except ValueError as e:
+    sys.exit(f"visualize_attention: {e}")
   if f.image is None:
     if f.workdir is None:
       sys.exit("visualize_attention: --weights needs --image")
     split_scores(f.workdir, f.which, f.output, f.threshold)
+    return
+  if jax.process_index() != 0:
     return
   try:
     size = [int(s) for s in f.image_size]
@@ -101,7 +114,7 @@ def main(argv) -> None:
   except (ValueError, FileNotFoundError, OSError) as e:
     sys.exit(f"visualize_attention: {e}")
   maps = maps_for_image(backbone, params, image)
-  paths = plots.save_heads(f.output, image, maps, backbone.patch_size, f.threshold)
+  written = plots.save_heads(f.output, image, maps, backbone.patch_size, f.threshold)
   grid = os.path.join(f.output, "attention.png")
   plots.plot_grid(grid, image[None], maps[None], backbone.patch_size, f.threshold)
   masks = np.asarray(attention_maps.mass_masks(maps, f.threshold))
@@ -110,7 +123,7 @@ def main(argv) -> None:
   print(f"{'head':>4}  {'mask patches':>12}  {'peak share':>10}")
   for j in range(maps.shape[0]):
     print(f"{j:>4}  {masks[j].mean():12.1%}  {maps[j].max() / maps[j].sum():10.1%}")
-  print(f"wrote {len(paths) + 1} files to {f.output}: {grid}, ...")
+  print(f"wrote {len(written) + 1} files to {f.output}: {grid}, ...")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,15 @@ jax.config.update("jax_default_matmul_precision", "highest")
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
+import runs  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+  """An uninterrupted run of runs.TINY (12 steps) on 8 devices (mesh data 8)."""
+  workdir = tmp_path_factory.mktemp("reference")
+  runs.train(workdir)
+  return workdir
 
 
 @pytest.fixture(autouse=True)

@@ -21,7 +21,6 @@ from dino_jax import checkpoint, convert, optim, schedules
 from dino_jax import config as config_lib
 from dino_jax import sharding as sharding_lib
 from dino_jax import state as state_lib
-from dino_jax import train as train_lib
 from dino_jax.convert import exporting, importing
 from dino_jax.models import build_models, build_vit
 
@@ -311,7 +310,7 @@ def test_imported_workdir_resumes_and_initialises_training(workdirs, exports, tm
   assert step == STEPS
   assert_trees_close(jax.tree.map(np.asarray, restored.teacher_params), state.teacher_params)
   fresh = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), abstract)
-  started = train_lib._init_from(fresh, out, state_sh)  # pylint: disable=protected-access
+  started = checkpoint.init_from(fresh, out, state_sh)
   for name in ("params", "teacher_params", "center", "batch_stats", "teacher_batch_stats"):
     assert_trees_close(jax.tree.map(np.asarray, getattr(started, name)), getattr(state, name))
   assert int(started.step) == 0  # a new run: its own step and optimizer state

@@ -17,7 +17,7 @@ MAX_LINES = 400
 # The bottom of the house: what the trainer and the evaluations are built from.
 BOTTOM = ("dino_jax.models", "dino_jax.data", "dino_jax.config", "dino_jax.losses",
           "dino_jax.schedules", "dino_jax.optim", "dino_jax.state", "dino_jax.sharding",
-          "dino_jax.checkpoint")
+          "dino_jax.checkpoint", "dino_jax.paths")
 ABOVE_BOTTOM = ("dino_jax.train", "dino_jax.evaluate", "dino_jax.convert", "dino_jax.cli")
 
 

@@ -15,78 +15,11 @@ import time
 import jax
 import numpy as np
 import pytest
-from helpers import assert_trees_close, tiny_flags
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CONFIG = os.path.join(REPO, "configs/default.py")
-
-# No BN in the head here: it makes the gradients of the biases before it (and of the final
-# LayerNorm's) exactly zero, and Adam turns their rounding noise into O(lr) steps that differ
-# between summation orders, so meshes could not be compared. BN is covered in test_step.
-TINY = tiny_flags(data__shapes_train_size=256, data__shapes_eval_size=32,
-                  eval__after_training=False, log_every_steps=2, checkpoint_every_steps=4,
-                  total_steps=12, warmup_epochs=0.25, freeze_last_layer=0.25,
-                  model__use_bn_in_head=False)
-
-
-def _env(devices: int) -> dict:
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  env["JAX_PLATFORMS"] = "cpu"
-  env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-  return env
-
-
-def _train_cmd(workdir, *extra):
-  return [sys.executable, "-m", "dino_jax.train", "--config", DEFAULT_CONFIG, "--workdir",
-          str(workdir), *TINY, *extra]
-
-
-def _train(workdir, *extra, devices=8, check=True):
-  proc = subprocess.run(_train_cmd(workdir, *extra), env=_env(devices), cwd=REPO,
-                        capture_output=True, text=True, timeout=600)
-  if check and proc.returncode:
-    raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-  return proc
-
-
-def _final_state(workdir):
-  """The latest checkpoint's TrainState as nested dicts of arrays."""
-  from dino_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  return checkpoint.restore_host(str(workdir))
-
-
-def _metrics(workdir, drop=("images_per_sec",)):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [{k: v for k, v in json.loads(line).items() if k not in drop} for line in f]
-
-
-def _assert_close_states(workdir, reference):
-  """Student, teacher and centre within 1e-5 (relative, per tensor) of the reference run's."""
-  _, got = _final_state(workdir)
-  _, want = _final_state(reference)
-  for key in ("params", "teacher_params", "center"):
-    assert_trees_close(got[key], want[key], 1e-5, norm=True, what=key)
-
-
-def _assert_equal_states(workdir, reference):
-  """The whole final TrainState bit for bit equal to the reference run's."""
-  _, got = _final_state(workdir)
-  _, want = _final_state(reference)
-  assert_trees_close(got, want)
-
-
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-  """An uninterrupted 12-step run on 8 devices (mesh data 8)."""
-  workdir = tmp_path_factory.mktemp("reference")
-  _train(workdir)
-  return workdir
-
+import runs
 
 def test_misspelt_config_key_fails_fast_naming_the_closest_key(tmp_path):
   t = time.time()
-  proc = _train(tmp_path, "--config.batch_sise=3", check=False)
+  proc = runs.train(tmp_path, "--config.batch_sise=3", check=False)
   assert proc.returncode != 0
   assert "batch_sise" in proc.stderr and "batch_size" in proc.stderr, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
@@ -100,8 +33,8 @@ def test_config_from_file_equals_the_command_line(monkeypatch):
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   from dino_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  path = DEFAULT_CONFIG
-  overrides = TINY + ["--config.global_crops_scale=(0.3,0.9)", "--config.data.source=folder",
+  path = runs.DEFAULT_CONFIG
+  overrides = runs.TINY + ["--config.global_crops_scale=(0.3,0.9)", "--config.data.source=folder",
                       "--config.model.remat=true"]
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file("config", path, flag_values=fv)
@@ -125,7 +58,7 @@ def test_config_from_file_equals_the_command_line(monkeypatch):
     ("--config.momentum_teacher_end=1.5", "momentum_teacher_end=1.5"),
 ])
 def test_bad_values_fail_before_compiling_naming_the_value(tmp_path, override, needle):
-  proc = _train(tmp_path, override, check=False)
+  proc = runs.train(tmp_path, override, check=False)
   assert proc.returncode != 0
   assert needle in proc.stderr, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
@@ -134,14 +67,14 @@ def test_bad_values_fail_before_compiling_naming_the_value(tmp_path, override, n
 
 def test_missing_data_path_is_named(tmp_path):
   missing = tmp_path / "no_such_folder"
-  proc = _train(tmp_path / "w", "--config.data.source=folder", f"--config.data.path={missing}",
+  proc = runs.train(tmp_path / "w", "--config.data.source=folder", f"--config.data.path={missing}",
                 check=False)
   assert proc.returncode != 0
   assert str(missing) in proc.stderr, proc.stderr[-2000:]
 
 
 def test_run_writes_the_workdir_outputs(reference_run):
-  rows = _metrics(reference_run, drop=())
+  rows = runs.metrics(reference_run, drop=())
   assert [r["step"] for r in rows] == [2, 4, 6, 8, 10, 12]
   for key in ("loss", "lr", "wd", "momentum", "teacher_temp", "images_per_sec", "entropy",
               "batch_entropy", "kl", "grad_norm", "epoch"):
@@ -149,7 +82,7 @@ def test_run_writes_the_workdir_outputs(reference_run):
   with open(reference_run / "config.json") as f:
     assert json.load(f)["total_steps"] == 12
   assert any(n.startswith("events.out.tfevents") for n in os.listdir(reference_run))
-  step, state = _final_state(reference_run)
+  step, state = runs.final_state(reference_run)
   assert step == 12 and int(state["step"]) == 12
 
 
@@ -157,18 +90,18 @@ def test_relative_workdir_keeps_every_checkpoint(tmp_path, reference_run):
   """`--workdir rel/wd` given relative to the current directory, as the README's command does:
   orbax's save thread rejects a relative directory, which lost every checkpoint and stopped the
   run at the second save. Every kept checkpoint is written and the run equals the reference."""
-  proc = subprocess.run(_train_cmd("rel/wd"), env=_env(8), cwd=tmp_path, capture_output=True,
+  proc = subprocess.run(runs.train_cmd("rel/wd"), env=runs.env(8), cwd=tmp_path, capture_output=True,
                         text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   workdir = tmp_path / "rel" / "wd"
   assert sorted(int(n) for n in os.listdir(workdir / "checkpoints")) == [4, 8, 12]
-  _assert_equal_states(workdir, reference_run)
+  runs.assert_equal_states(workdir, reference_run)
 
 
 def test_kill_after_checkpoint_then_rerun_equals_uninterrupted(tmp_path, reference_run):
   """SIGKILL once the step-4 checkpoint is on disk; the same command then finishes the run."""
-  proc = subprocess.Popen(_train_cmd(tmp_path, "--config.total_steps=12"), env=_env(8),
-                          cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(runs.train_cmd(tmp_path, "--config.total_steps=12"), env=runs.env(8),
+                          cwd=runs.REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   ckpt = tmp_path / "checkpoints" / "4"
   deadline = time.time() + 300
   while not (ckpt / "_CHECKPOINT_METADATA").exists() and proc.poll() is None:
@@ -176,13 +109,13 @@ def test_kill_after_checkpoint_then_rerun_equals_uninterrupted(tmp_path, referen
     time.sleep(0.05)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  _train(tmp_path)
-  _assert_equal_states(tmp_path, reference_run)
-  assert _metrics(tmp_path) == _metrics(reference_run)
+  runs.train(tmp_path)
+  runs.assert_equal_states(tmp_path, reference_run)
+  assert runs.metrics(tmp_path) == runs.metrics(reference_run)
 
 
 def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, reference_run):
-  proc = subprocess.Popen(_train_cmd(tmp_path), env=_env(8), cwd=REPO,
+  proc = subprocess.Popen(runs.train_cmd(tmp_path), env=runs.env(8), cwd=runs.REPO,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 300
   while not (tmp_path / "metrics.jsonl").exists() and proc.poll() is None:
@@ -191,18 +124,18 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, reference_run):
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=300)
   assert proc.returncode == 0, err[-3000:]
-  step, _ = _final_state(tmp_path)
+  step, _ = runs.final_state(tmp_path)
   assert 2 <= step <= 12
-  _train(tmp_path)
-  _assert_equal_states(tmp_path, reference_run)
+  runs.train(tmp_path)
+  runs.assert_equal_states(tmp_path, reference_run)
 
 
 @pytest.mark.parametrize("devices, mesh", [(1, []), (8, ["--config.mesh.fsdp=2"])])
 def test_other_meshes_equal_8_way_data_parallel(tmp_path, reference_run, devices, mesh):
-  _train(tmp_path, *mesh, devices=devices)
-  _assert_close_states(tmp_path, reference_run)
-  losses = [r["loss"] for r in _metrics(tmp_path)]
-  np.testing.assert_allclose(losses, [r["loss"] for r in _metrics(reference_run)], rtol=1e-5)
+  runs.train(tmp_path, *mesh, devices=devices)
+  runs.assert_close_states(tmp_path, reference_run)
+  losses = [r["loss"] for r in runs.metrics(tmp_path)]
+  np.testing.assert_allclose(losses, [r["loss"] for r in runs.metrics(reference_run)], rtol=1e-5)
 
 
 @pytest.mark.parametrize("devices, mesh", [(8, ["--config.mesh.fsdp=2"]), (4, [])])
@@ -212,27 +145,17 @@ def test_resume_on_another_mesh(tmp_path, reference_run, devices, mesh):
   shutil.copytree(reference_run, tmp_path, dirs_exist_ok=True)
   for step in ("8", "12"):
     shutil.rmtree(tmp_path / "checkpoints" / step)
-  _train(tmp_path, *mesh, devices=devices)
-  _assert_close_states(tmp_path, reference_run)
-  np.testing.assert_allclose([r["loss"] for r in _metrics(tmp_path)],
-                             [r["loss"] for r in _metrics(reference_run)], rtol=1e-5)
+  runs.train(tmp_path, *mesh, devices=devices)
+  runs.assert_close_states(tmp_path, reference_run)
+  np.testing.assert_allclose([r["loss"] for r in runs.metrics(tmp_path)],
+                             [r["loss"] for r in runs.metrics(reference_run)], rtol=1e-5)
 
 
 def test_two_processes_equal_one(tmp_path, reference_run):
   """jax.distributed on localhost, 2 processes x 4 devices, against 1 process x 8 devices."""
-  import portpicker  # pylint: disable=g-import-not-at-top
-  port = portpicker.pick_unused_port()
-  procs = [
-      subprocess.Popen(_train_cmd(tmp_path, f"--coordinator_address=localhost:{port}",
-                                  "--num_processes=2", f"--process_id={i}"),
-                       env=_env(4), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                       text=True) for i in range(2)
-  ]
-  for p in procs:
-    _, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err[-3000:]
-  _assert_close_states(tmp_path, reference_run)
-  assert len(_metrics(tmp_path)) == len(_metrics(reference_run))  # only process 0 logs
+  runs.launch(tmp_path, 2, 4)
+  runs.assert_close_states(tmp_path, reference_run)
+  assert len(runs.metrics(tmp_path)) == len(runs.metrics(reference_run))  # only process 0 logs
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -241,7 +164,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from dino_jax import config as config_lib, train  # pylint: disable=g-import-not-at-top
 
-  config = config_lib.from_file(DEFAULT_CONFIG, TINY)
+  config = config_lib.from_file(runs.DEFAULT_CONFIG, runs.TINY)
   original = train.train_step
 
   def poisoned(state, batch, rng, **kw):
@@ -253,7 +176,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
   monkeypatch.setattr(train, "train_step", poisoned)
   with pytest.raises(FloatingPointError, match="step 7"):
     train.train_and_evaluate(config, str(tmp_path))
-  step, state = _final_state(tmp_path)
+  step, state = runs.final_state(tmp_path)
   assert step == 4
   assert all(np.isfinite(v).all() for v in jax.tree.leaves(state["params"]))
 
@@ -288,13 +211,13 @@ def test_one_compilation_of_the_step_for_the_whole_run(tmp_path, caplog):
   import jax  # pylint: disable=g-import-not-at-top
   from dino_jax import config as config_lib, train  # pylint: disable=g-import-not-at-top
 
-  config = config_lib.from_file(DEFAULT_CONFIG, TINY)
+  config = config_lib.from_file(runs.DEFAULT_CONFIG, runs.TINY)
   with jax.log_compiles(), caplog.at_level(logging.WARNING):
     train.train_and_evaluate(config, str(tmp_path))
   compiles = [r.getMessage() for r in caplog.records
               if r.getMessage().startswith("Compiling") and "train_step" in r.getMessage()]
   assert len(compiles) == 1, compiles
-  assert len(_metrics(tmp_path)) == 6
+  assert len(runs.metrics(tmp_path)) == 6
 
 
 def test_default_recipe_short_run_stays_finite_and_writes_the_reports(tmp_path):
@@ -308,15 +231,15 @@ def test_default_recipe_short_run_stays_finite_and_writes_the_reports(tmp_path):
            "--config.checkpoint_every_steps=30", "--config.data.shapes_train_size=640",
            "--config.data.shapes_eval_size=96", "--config.eval.batch_size=96"]
   proc = subprocess.run(
-      [sys.executable, "-m", "dino_jax.train", "--config", DEFAULT_CONFIG, "--workdir",
-       str(tmp_path), *short], env=_env(1), cwd=REPO, capture_output=True, text=True,
+      [sys.executable, "-m", "dino_jax.train", "--config", runs.DEFAULT_CONFIG, "--workdir",
+       str(tmp_path), *short], env=runs.env(1), cwd=runs.REPO, capture_output=True, text=True,
       timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert "COLLAPSE" not in proc.stderr
-  rows = _metrics(tmp_path, drop=())
+  rows = runs.metrics(tmp_path, drop=())
   assert [r["step"] for r in rows] == [10, 20, 30]
   from dino_jax import config as config_lib  # pylint: disable=g-import-not-at-top
-  config = config_lib.from_file(DEFAULT_CONFIG)
+  config = config_lib.from_file(runs.DEFAULT_CONFIG)
   ln_k = np.log(config.out_dim)
   for r in rows:
     assert np.isfinite(r["loss"]) and np.isfinite(r["kl"])

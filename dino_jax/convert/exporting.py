@@ -5,11 +5,14 @@ release's MultiCropWrapper layout, 'backbone.*' and 'head.*'), 'safetensors' (th
 metadata: arch, patch size, heads, step), 'hf' (a transformers.ViTModel directory, backbone only)
 and 'full' (the release's full training checkpoint: both networks, the AdamW state, 'epoch',
 'args', 'dino_loss'). The export_torch module docstring says what each loads into.
+
+The workdir and the output may be URIs (gs://bucket/...): files are serialised in memory and
+written (metrics.jsonl read) through dino_jax.paths.
 """
 from __future__ import annotations
 
+import io
 import json
-import os
 from typing import Any
 
 import jax
@@ -18,6 +21,7 @@ import numpy as np
 from absl import logging
 
 from dino_jax import checkpoint
+from dino_jax import paths
 from dino_jax import state as state_lib
 from dino_jax.convert import files, hf, optimizer
 from dino_jax.convert.state_dicts import flax_to_torch, torch_extra
@@ -55,10 +59,9 @@ def _completed_epochs(workdir: str, config: mlc.ConfigDict, step: int) -> int:
   """Epochs done at `step` (the release's 'epoch'): by config.steps_per_epoch, else the trainer's
   metrics.jsonl; 0 when neither tells."""
   per_epoch = config.steps_per_epoch
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not per_epoch and os.path.exists(path):  # the trainer logs epoch = step / steps_per_epoch
-    with open(path) as f:
-      rows = [json.loads(r) for r in f if r.strip()]
+  path = paths.path(workdir) / "metrics.jsonl"
+  if not per_epoch and path.exists():  # the trainer logs epoch = step / steps_per_epoch
+    rows = [json.loads(r) for r in path.read_text().splitlines() if r.strip()]
     rows = [r for r in rows if r.get("epoch")]
     if rows:
       per_epoch = round(rows[-1]["step"] / rows[-1]["epoch"])
@@ -68,6 +71,18 @@ def _completed_epochs(workdir: str, config: mlc.ConfigDict, step: int) -> int:
 def _tensors(tree: Any) -> Any:
   torch = torch_extra("torch")
   return jax.tree.map(lambda x: torch.from_numpy(np.array(x)), tree)
+
+
+def _torch_save(obj: Any, output: str) -> None:
+  """torch.save(obj) at output (a local path or a URI)."""
+  buf = io.BytesIO()
+  torch_extra("torch").save(obj, buf)
+  paths.write_bytes(output, buf.getvalue())
+
+
+def _safetensors_save(sd: dict[str, np.ndarray], output: str, metadata: dict[str, str]) -> None:
+  """A safetensors file of sd (name -> array) at output (a local path or a URI)."""
+  paths.write_bytes(output, torch_extra("safetensors.numpy").save(sd, metadata=metadata))
 
 
 def export(workdir: str, output: str, *, which: str = "teacher", with_head: bool = False,
@@ -80,9 +95,9 @@ def export(workdir: str, output: str, *, which: str = "teacher", with_head: bool
   if fmt == "hf" and with_head:
     raise ValueError("--format hf holds the backbone only (transformers.ViTModel has no DINO "
                      "head); export the head with --format pth or safetensors --with_head")
+  paths.check(output)
   config, state, step = load_state(workdir, step)
   shape = backbone_shape(config)
-  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   if fmt == "full":
     torch = torch_extra("torch")
     bn = config.model.use_bn_in_head
@@ -99,7 +114,7 @@ def export(workdir: str, output: str, *, which: str = "teacher", with_head: bool
         "args": files.release_args(config),
         "dino_loss": {"center": torch.from_numpy(np.array(state.center))},
     }
-    torch.save(obj, output)
+    _torch_save(obj, output)
     keys = list(obj)
   else:
     params = state.teacher_params if which == "teacher" else state.params
@@ -109,19 +124,16 @@ def export(workdir: str, output: str, *, which: str = "teacher", with_head: bool
     else:
       sd = flax_to_torch(params["backbone"])
     if fmt == "pth":
-      torch_extra("torch").save(_tensors(sd), output)
+      _torch_save(_tensors(sd), output)
     elif fmt == "safetensors":
-      save_file = torch_extra("safetensors.numpy").save_file
       meta = {"format": "pt", "arch": config.model.arch, "patch_size": str(shape["patch_size"]),
               "num_heads": str(shape["num_heads"]), "which": which, "step": str(step)}
-      save_file(sd, output, metadata=meta)
+      _safetensors_save(sd, output, meta)
     else:  # hf
-      save_file = torch_extra("safetensors.numpy").save_file
-      os.makedirs(output, exist_ok=True)
-      with open(os.path.join(output, "config.json"), "w") as f:
-        json.dump(hf.hf_config(**shape), f, indent=2)
+      out_dir = paths.path(output)
+      paths.write_json(out_dir / "config.json", hf.hf_config(**shape))
       sd = hf.release_to_hf(sd)
-      save_file(sd, os.path.join(output, "model.safetensors"), metadata={"format": "pt"})
+      _safetensors_save(sd, out_dir / "model.safetensors", {"format": "pt"})
     keys = list(sd)
   logging.info("wrote %s (%s, %s, step %d)", output, fmt, "full" if fmt == "full" else which, step)
   return {"path": output, "format": fmt, "step": step, "keys": keys}

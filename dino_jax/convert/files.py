@@ -7,17 +7,22 @@ directories (config.json + model.safetensors or pytorch_model.bin). A full train
 'dino_loss'; its `args` are main_dino.py's arguments, some of which config shares
 (RELEASE_ARGS, RELEASE_MODEL_ARGS): release_args writes them for export, apply_release_args
 reads them back for import.
+
+A path may be a URI (gs://bucket/...): its bytes are read through dino_jax.paths and loaded from
+memory; local files are loaded from their path (no second copy in memory).
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
-import os
+import struct
 from typing import Any
 
 import ml_collections as mlc
 
 from dino_jax import config as config_lib
+from dino_jax import paths
 from dino_jax.convert.state_dicts import torch_extra
 
 # Config keys with the same name and meaning as the release's main_dino.py arguments.
@@ -37,22 +42,30 @@ def _unreadable(path: str, e: Exception) -> ValueError:
                     "or not a PyTorch / safetensors file?)")
 
 
+def _safetensors_bytes(data: bytes) -> tuple[dict[str, Any], dict[str, str]]:
+  """(name -> torch tensor, metadata) of a safetensors file's bytes."""
+  n = struct.unpack("<Q", data[:8])[0]  # the format: u64 header length, JSON header, tensors
+  meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
+  return torch_extra("safetensors.torch").load(data), meta
+
+
 def load_file(path: str) -> tuple[Any, dict[str, Any]]:
   """(the stored object, info): a .pth/.pt file's dict, a safetensors file's or an hf directory's
   state_dict. info: what the file says of the architecture (hf config, safetensors metadata)."""
   torch = torch_extra("torch")
-  if not os.path.exists(path):
+  paths.check(path)
+  p = paths.path(path)
+  if not p.exists():
     raise FileNotFoundError(f"{path} does not exist")
-  if os.path.isdir(path):
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.exists(cfg_path):
+  if p.is_dir():
+    cfg_path = p / "config.json"
+    if not cfg_path.exists():
       raise FileNotFoundError(f"{path} is a directory without config.json: not a transformers "
                               "model")
-    with open(cfg_path) as f:
-      cfg = json.load(f)
+    cfg = json.loads(cfg_path.read_text())
     for name in ("model.safetensors", "pytorch_model.bin"):
-      if os.path.exists(os.path.join(path, name)):
-        obj, _ = load_file(os.path.join(path, name))
+      if (p / name).exists():
+        obj, _ = load_file(f"{str(path).rstrip('/')}/{name}")
         break
     else:
       raise FileNotFoundError(f"{path} holds neither model.safetensors nor pytorch_model.bin")
@@ -63,19 +76,22 @@ def load_file(path: str) -> tuple[Any, dict[str, Any]]:
       raise ValueError(f"{cfg_path}: hidden_act {cfg.get('hidden_act')!r} and layer_norm_eps "
                        f"{cfg.get('layer_norm_eps')} differ from DINO's ViT (exact GELU, 1e-6)")
     return obj, info
-  if path.endswith(".safetensors"):
-    safe_open = torch_extra("safetensors").safe_open
+  if str(path).endswith(".safetensors"):
     try:
-      with safe_open(path, "pt") as f:
-        meta = f.metadata() or {}
-        obj = {k: f.get_tensor(k) for k in f.keys()}
+      if paths.is_uri(path):
+        obj, meta = _safetensors_bytes(p.read_bytes())
+      else:
+        with torch_extra("safetensors").safe_open(path, "pt") as f:
+          meta = f.metadata() or {}
+          obj = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # pylint: disable=broad-except
       raise _unreadable(path, e) from e
     info = {"num_heads": int(meta["num_heads"])} if "num_heads" in meta else {}
     return obj, info
+  source = io.BytesIO(p.read_bytes()) if paths.is_uri(path) else path
   try:
     with torch.serialization.safe_globals([argparse.Namespace]):  # the release's `args`
-      obj = torch.load(path, map_location="cpu", weights_only=True)
+      obj = torch.load(source, map_location="cpu", weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
     raise _unreadable(path, e) from e
   if not isinstance(obj, dict):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import Any
 
 import jax
@@ -29,6 +28,7 @@ from absl import logging
 
 from dino_jax import checkpoint
 from dino_jax import config as config_lib
+from dino_jax import paths
 from dino_jax import state as state_lib
 from dino_jax.convert import files, optimizer
 from dino_jax.convert.state_dicts import to_numpy, torch_to_flax
@@ -227,9 +227,10 @@ def import_weights(weights: str, output: str, *, arch: str | None = None,
                    patch_size: int | None = None, config: mlc.ConfigDict | None = None,
                    with_optimizer: bool = True) -> state_lib.TrainState:
   """Writes the workdir `output` (config.json, checkpoints/<step>) from `weights`; returns the
-  TrainState it saved."""
-  ckpt_dir = os.path.join(output, "checkpoints")
-  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+  TrainState it saved. Both may be URIs (gs://bucket/...)."""
+  paths.check(output)
+  ckpt_dir = paths.path(output) / "checkpoints"
+  if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
     raise FileExistsError(f"{output} already holds checkpoints; import into a new directory")
   config, state = load_state(weights, arch=arch, patch_size=patch_size, config=config,
                              with_optimizer=with_optimizer)

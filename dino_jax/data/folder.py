@@ -3,6 +3,10 @@
 Records: {'image': uint8 (H, W, 3), 'label': int32 scalar (-1 for a flat folder)}, H and W each
 image's own. `list_images` lists a folder (optionally cached on disk), `decode_image` decodes one
 file, `FolderSource` serves them.
+
+Local folders only (a mounted bucket, e.g. gcsfuse, counts as local): a gs:// data.path is out of
+scope (an object store serves millions of small files poorly; TFDS or ArrayRecord files serve
+ImageNet from a bucket), and split_dir reports it as no such directory. A workdir may be a URI.
 """
 from __future__ import annotations
 

@@ -9,8 +9,11 @@ rows p*B/P .. (p+1)*B/P - 1 of it, so the global batch is the same array, rows i
 whatever the number of processes (and so are the per-row augmentations drawn on device), and the
 batches the same whatever the number of workers. Batches run across epoch
 boundaries (no image is dropped; an epoch is len(source) // batch_size steps, as the release's
-drop_last). The iterator is checkpointed with grain's own state (get_state / set_state; through
-orbax with grain.checkpoint.CheckpointSave / CheckpointRestore).
+drop_last). The stream is random access, so step s's batch is found from s alone: a resumed run
+starts it at its step, on any number of processes, and needs no iterator state in its checkpoint.
+grain's own process sharding is not used: it would give each process other images at each step
+whenever the process count changed. Sources are random access (folders, TFDS ArrayRecord), so each
+process decodes only its own rows' images.
 
 Linear probe (`probe_train_batches`) and evaluation (`eval_batches`): one pass over a split, every
 image once, each process padding its shorter share with invalid batches so that all take part in
@@ -35,8 +38,8 @@ from dino_jax.data.sources import make_source
 
 
 def train_dataset(config: mlc.ConfigDict, *, process_index: int, process_count: int,
-                  source=None) -> grain.IterDataset:
-  """Endless multi-crop batches for this process.
+                  start_step: int = 0, source=None) -> grain.IterDataset:
+  """Endless multi-crop batches for this process, from global step `start_step` on.
 
   Elements: {'global': uint8 (B, G, H, W, 3), 'local': uint8 (B, L, h, w, 3)} (no 'local' without
   local crops), B = config.batch_size // process_count. `source` overrides
@@ -50,8 +53,8 @@ def train_dataset(config: mlc.ConfigDict, *, process_index: int, process_count: 
     source = make_source(config, d.train_split, min_side=_train_min_side(config))
   ds = (grain.MapDataset.source(source).seed(config.seed).shuffle().repeat()
         .random_map(augment.MultiCrop.from_config(config)))
-  ds = ds.batch(config.batch_size // process_count,
-                drop_remainder=True)[process_index::process_count]
+  first = start_step * process_count + process_index
+  ds = ds.batch(config.batch_size // process_count, drop_remainder=True)[first::process_count]
   return _prefetch(ds, d)
 
 

@@ -8,6 +8,7 @@ Shapes: B batch, h heads, gh x gw patch grid (N = gh * gw patches), p patch size
 """
 from __future__ import annotations
 
+import io
 import os
 from typing import Any, Sequence
 
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from dino_jax import paths
 from dino_jax.data.augment import normalize
 
 
@@ -118,7 +120,9 @@ def load_image(image: str | os.PathLike | Image.Image | np.ndarray,
       raise ValueError(f"load_image: a uint8 (H, W, 3) or (H, W) array, not {image.dtype} "
                        f"{image.shape}")
     image = Image.fromarray(image)
-  img = (image if isinstance(image, Image.Image) else Image.open(image)).convert("RGB")
+  if not isinstance(image, Image.Image):
+    image = Image.open(io.BytesIO(paths.read_bytes(image)) if paths.is_uri(image) else image)
+  img = image.convert("RGB")
   if len(image_size) == 1:
     s = image_size[0]
     w, h = img.size

@@ -1,4 +1,5 @@
-"""Frozen-backbone features over the mesh: batches sharded, params replicated, padding dropped.
+"""Frozen-backbone features over the mesh, on any number of processes: batches sharded, params
+replicated, padding dropped, every process's rows gathered.
 
 Shapes: B batch, H x W image, D backbone width, n last blocks.
 """
@@ -59,6 +60,50 @@ def local_batch_size(batch_size: int, mesh: Mesh) -> int:
   return math.ceil(math.ceil(batch_size / jax.process_count()) / local_devices) * local_devices
 
 
+def host_to_global(value: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+  """A host value that every process holds alike -> a global array laid out with `sharding`.
+
+  Each process fills only its own devices from its copy (make_array_from_callback): no transfer
+  between processes, and none of the equality check device_put makes of host values on a
+  sharding spanning several processes (a collective over the whole array).
+  """
+  host = np.asarray(value)
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Any pytree of arrays -> the same values replicated on every device of mesh.
+
+  Arrays already spread over the mesh's processes (training's state) are resharded on the
+  devices; numpy arrays and arrays of this process's devices (checkpoint.restore_host puts them
+  on its first device) are laid out from host copies, which every process must hold alike.
+  """
+  repl = sharding_lib.replicated(mesh)
+
+  def put(x):
+    if jax.process_count() == 1 or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+      return jax.device_put(x, repl)
+    return host_to_global(x, repl)
+
+  return jax.tree.map(put, tree)
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of an array split on its leading axis: its local data, as given to
+  make_array_from_process_local_data (its devices' blocks in global order), (B_local, ...)."""
+  blocks = {s.index[0].start or 0: s for s in x.addressable_shards}
+  return np.concatenate([np.asarray(blocks[start].data) for start in sorted(blocks)])
+
+
+def gather_processes(tree: Any) -> Any:
+  """Each process's host arrays (N_local, ...), of one shape on every process -> every process's
+  rows in process order (P x N_local, ...), the same on each; one gather for the whole tree."""
+  if jax.process_count() == 1:
+    return tree
+  gathered = multihost_utils.process_allgather(tree, tiled=False)  # (P, N_local, ...)
+  return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), gathered)
+
+
 @functools.lru_cache(maxsize=32)
 def _jitted_step(fn, mesh: Mesh):
   """jit of fn plus the rows' valid flags and labels; cached, so repeated extractions with the
@@ -79,43 +124,49 @@ def extract(fn: Callable[[Any, dict[str, jax.Array]], dict[str, Any]], params: A
             ) -> tuple[dict[str, Any], dict[str, float]]:
   """Runs jit(fn)(params, batch) over every batch and returns its outputs for the valid rows.
 
+  Any number of processes: each feeds its own batches (its contiguous share of the data, as
+  pipeline.eval_batches cuts it, and as many batches as the others), keeps its rows of the
+  outputs, and the rows of all processes are gathered once at the end, in process order; every
+  process returns the same outputs, in the order of the data.
+
   Args:
     fn: (params, batch) -> a dict (nesting allowed) of per-example arrays (B, ...); batch holds
       the sharded arrays of the input batch ('image', 'label', 'valid', ...).
-    params: any pytree of host or device arrays, replicated on the mesh.
+    params: any pytree of arrays, replicated on the mesh (see replicate: numpy or this process's
+      arrays must be the same on every process).
     batches: this process's batches, {'image': (B, H, W, 3), 'valid': (B,), ...}; rows with
-      valid False (the padded last batch) are dropped, so each example counts once.
+      valid False (the padded last batches) are dropped, so each example counts once.
     mesh: the batch axis is split over all of its devices.
   Returns:
-    (outputs, stats): fn's dict of numpy arrays (N, ...) over all processes, in batch order,
+    (outputs, stats): fn's dict of numpy arrays (N, ...) over all processes, in data order,
     with 'label' added when the batches have labels; stats {'examples', 'seconds',
     'examples_per_sec'}, timed from the end of the first (compiling) batch.
   """
-  batch_sh, repl = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
+  batch_sh = sharding_lib.batch_sharding(mesh)
   step = _jitted_step(fn, mesh)
-  params = jax.device_put(params, repl)
-  # All processes' rows (a plain copy when this process holds them all).
-  fetch = jax.device_get if jax.process_count() == 1 else functools.partial(
-      multihost_utils.process_allgather, tiled=True)
+  params = replicate(params, mesh)
   host, pending, t0, n_first = [], None, None, 0
   t_start = time.perf_counter()
   for batch in batches:
     out = step(params, pipeline.global_batch(batch, batch_sh))
-    if pending is not None:
-      host.append(fetch(pending))
+    if pending is not None:  # this process's rows of the previous batch, while this one runs
+      host.append(jax.tree.map(local_rows, pending))
     pending = out
     if t0 is None:
       jax.block_until_ready(out)
-      t0, n_first = time.perf_counter(), int(np.sum(jax.device_get(out["valid"])))
+      t0, n_first = time.perf_counter(), int(np.sum(local_rows(out["valid"])))
   if pending is None:
     raise ValueError("no batches to extract features from")
-  host.append(fetch(pending))
+  host.append(jax.tree.map(local_rows, pending))
+  mine = jax.tree.map(lambda *xs: np.concatenate(xs), *host)
+  mine["n_first"] = np.array([n_first])
+  everyone = gather_processes(mine)
   t_end = time.perf_counter()
-  valid = np.concatenate([h["valid"] for h in host]).astype(bool)
-  outputs = jax.tree.map(lambda *xs: np.concatenate(xs)[valid], *[h["fn"] for h in host])
-  if "label" in host[0]:
-    outputs = {**outputs, "label": np.concatenate([h["label"] for h in host])[valid]}
-  n = int(valid.sum())
+  valid = everyone["valid"].astype(bool)
+  outputs = jax.tree.map(lambda x: x[valid], everyone["fn"])
+  if "label" in everyone:
+    outputs = {**outputs, "label": everyone["label"][valid]}
+  n, n_first = int(valid.sum()), int(everyone["n_first"].sum())
   # The first batch compiles: the rate counts the others, unless there is only one.
   timed_n, timed_s = (n - n_first, t_end - t0) if n > n_first else (n, t_end - t_start)
   return outputs, {"examples": n, "seconds": t_end - t_start,

@@ -3,7 +3,9 @@
 Each test feature votes with its k most similar train features (cosine: the features are
 L2-normalised, so a dot product), weighted by exp(sim / T); the class with the largest summed
 weight wins. Top-1 and top-5 over several k in one pass, on device: the train bank is sharded over
-the mesh, the test set goes through in chunks, so memory stays bounded at ImageNet scale.
+the mesh, the test set goes through in chunks, so memory stays bounded at ImageNet scale. With
+several processes each lays its devices' part of the bank out from its own copy (every process
+holds the same features, as features.extract returns them) and all get the same rankings.
 
 Ties, which the release leaves to torch.topk and torch.sort, are broken deterministically:
 - neighbours of equal similarity: the lower train index first (lax.top_k's rule);
@@ -23,6 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dino_jax import sharding as sharding_lib
+from dino_jax.evaluate import features
 
 SIMS_BYTES_PER_DEVICE = 2**28  # bounds a chunk's (Q, N / devices) similarity block
 
@@ -76,7 +79,7 @@ def _predict_fn(mesh: Mesh, ks: tuple[int, ...], num_classes: int, temperature: 
     sims, labels = neighbours(queries, bank, bank_labels)
     return _vote(sims, labels, ks=ks, num_classes=num_classes, temperature=temperature)
 
-  return jax.jit(predict)
+  return jax.jit(predict, out_shardings=NamedSharding(mesh, P()))  # readable on every process
 
 
 def knn_predict(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
@@ -91,7 +94,8 @@ def knn_predict(train_features: np.ndarray, train_labels: np.ndarray, test_featu
     ks: the k values; the top max(ks) neighbours are found once and the votes of every k read off.
     temperature: T of the weights exp(sim / T).
     num_classes: C (default: max train label + 1).
-    mesh: the bank is sharded over all its devices (default: every device).
+    mesh: the bank is sharded over all its devices (default: every device); with several
+      processes every one calls this with the same features and gets the same rankings.
     chunk_size: test features per step (default: as many as keep the (Q, N / devices) similarity
       block within SIMS_BYTES_PER_DEVICE, at most 1024).
   Returns:
@@ -111,9 +115,11 @@ def knn_predict(train_features: np.ndarray, train_labels: np.ndarray, test_featu
 
   bank_sh = NamedSharding(mesh, P(axes))
   pad = n_local * n_dev - n
-  bank = jax.device_put(np.pad(np.asarray(train_features, np.float32), ((0, pad), (0, 0))),
-                        bank_sh)
-  bank_labels = jax.device_put(np.pad(np.asarray(train_labels, np.int32), (0, pad)), bank_sh)
+  # From host copies: no transfer between processes, no equality check of the whole bank.
+  bank = features.host_to_global(
+      np.pad(np.asarray(train_features, np.float32), ((0, pad), (0, 0))), bank_sh)
+  bank_labels = features.host_to_global(
+      np.pad(np.asarray(train_labels, np.int32), (0, pad)), bank_sh)
 
   predict = _predict_fn(mesh, tuple(ks), num_classes, temperature, n)
   test_features = np.asarray(test_features, np.float32)
@@ -122,8 +128,8 @@ def knn_predict(train_features: np.ndarray, train_labels: np.ndarray, test_featu
     queries = test_features[start:start + chunk]
     q = queries.shape[0]
     queries = np.pad(queries, ((0, chunk - q), (0, 0)))  # one compiled shape for every chunk
-    preds = jax.device_get(predict(jax.device_put(queries, NamedSharding(mesh, P())), bank,
-                                   bank_labels))
+    queries = features.host_to_global(queries, NamedSharding(mesh, P()))
+    preds = jax.device_get(predict(queries, bank, bank_labels))
     for k in ks:
       out[k].append(preds[k][:q])
   return {k: np.concatenate(v) for k, v in out.items()}

@@ -18,7 +18,6 @@ Shapes: B batch, F = D x (n_last_blocks + avgpool) features, C classes.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 from typing import Any, Callable, Iterable
@@ -34,6 +33,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from dino_jax import checkpoint
+from dino_jax import paths
 from dino_jax import sharding as sharding_lib
 from dino_jax.data import pipeline
 from dino_jax.data.sources import make_source
@@ -150,7 +150,7 @@ def train(featurize: Callable[[Any, jax.Array], jax.Array], backbone_params: Any
   step = jax.jit(functools.partial(_train_step, featurize=featurize, classifier=classifier, tx=tx,
                                    schedule=schedule),
                  in_shardings=(repl, repl, batch_sh), out_shardings=(repl, repl), donate_argnums=0)
-  backbone_params = jax.device_put(backbone_params, repl)
+  backbone_params = features_lib.replicate(backbone_params, mesh)  # no cross-process transfer
   hits = accuracy_fn(featurize, classifier)
   try:
     for epoch in range(start, epochs):
@@ -219,8 +219,6 @@ def run(config: mlc.ConfigDict, workdir: str, which: str = "teacher") -> dict[st
       val_freq=e.linear_val_freq)
   result = {**result, "which": which, "step": step}
   if pi == 0:
-    path = os.path.join(workdir, "eval", "linear.json" if which == "teacher" else
-                        "linear_student.json")
-    with open(path, "w") as f:
-      json.dump(result, f, indent=2)
+    paths.write_json(os.path.join(workdir, "eval", "linear.json" if which == "teacher" else
+                                  "linear_student.json"), result)
   return result

@@ -1,11 +1,13 @@
 """The evaluations' pictures: attention maps and masks over their images, and curves of the
 evaluations during training. Matplotlib's Figure without pyplot, so any backend (or none) serves.
+Files are drawn into memory and written through dino_jax.paths: a path may be a URI (gs://...).
 
 Shapes: B batch, h heads, gh x gw patch grid, p patch size, H x W image.
 """
 from __future__ import annotations
 
 import functools
+import io
 import os
 from typing import Any, Sequence
 
@@ -17,8 +19,26 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
+from dino_jax import paths
 from dino_jax.data import pipeline
 from dino_jax.evaluate.attention_maps import mass_masks, upsample
+
+
+def _save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> None:
+  """fig -> path, in the format of path's extension (png without one)."""
+  buf = io.BytesIO()
+  fig.savefig(buf, format=os.path.splitext(str(path))[1][1:] or "png", dpi=dpi)
+  paths.write_bytes(path, buf.getvalue())
+
+
+def _save_png(path: str, image: np.ndarray) -> None:
+  """An image (H, W) values (viridis, min to max) or (H, W, 3) uint8 / float in [0, 1] -> PNG."""
+  buf = io.BytesIO()
+  if image.dtype == np.uint8:
+    Image.fromarray(image).save(buf, format="png")
+  else:
+    matplotlib.image.imsave(buf, image, format="png")
+  paths.write_bytes(path, buf.getvalue())
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, color=(1.0, 0.2, 0.2), alpha: float = 0.5
@@ -45,7 +65,7 @@ def colorize(m: np.ndarray, cmap: str = "viridis") -> np.ndarray:
   return matplotlib.colormaps[cmap]((m - lo) / (hi - lo) if hi > lo else np.zeros_like(m))[..., :3]
 
 
-def plot_grid(path: str, images: np.ndarray, maps: np.ndarray, patch_size: int,
+def plot_grid(path: str | os.PathLike, images: np.ndarray, maps: np.ndarray, patch_size: int,
               threshold: float = 0.6, object_masks: np.ndarray | None = None,
               titles: Sequence[str] | None = None) -> None:
   """One row per image: the image, [the object mask], each head's map, each head's mask overlaid.
@@ -83,27 +103,27 @@ def plot_grid(path: str, images: np.ndarray, maps: np.ndarray, patch_size: int,
   for i, title in enumerate(titles or []):
     fig.text(0.5 * left / fw, 1 - (top + (i * (ih + gap) + ih / 2) * scale) / fh, title,
              ha="center", va="center", fontsize=7, rotation=90)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=100)
+  _save_figure(fig, path)
 
 
 def save_heads(outdir: str, image: np.ndarray, maps: np.ndarray, patch_size: int,
                threshold: float = 0.6) -> list[str]:
   """The release's files for one image (H, W, 3), maps (h, gh, gw): img.png, attn-head{j}.png
   (upsampled map, viridis) and mask_th{threshold}_head{j}.png (mask overlaid). Returns the paths."""
-  os.makedirs(outdir, exist_ok=True)
   up_maps, up_masks = _upsampled(maps, patch_size, threshold)
-  paths = [os.path.join(outdir, "img.png")]
-  Image.fromarray(image).save(paths[0])
+  files = {"img.png": image}
   for j in range(maps.shape[0]):
-    paths.append(os.path.join(outdir, f"attn-head{j}.png"))
-    matplotlib.image.imsave(paths[-1], up_maps[j], format="png")
-    paths.append(os.path.join(outdir, f"mask_th{threshold}_head{j}.png"))
-    matplotlib.image.imsave(paths[-1], overlay(image, up_masks[j]), format="png")
-  return paths
+    files[f"attn-head{j}.png"] = up_maps[j]
+    files[f"mask_th{threshold}_head{j}.png"] = overlay(image, up_masks[j])
+  written = []
+  for name, picture in files.items():
+    written.append(os.path.join(str(outdir), name))
+    _save_png(written[-1], picture)
+  return written
 
 
-def plot_progress(rows: Sequence[dict[str, Any]], path: str, headline_k: int = 20) -> None:
+def plot_progress(rows: Sequence[dict[str, Any]], path: str | os.PathLike,
+                  headline_k: int = 20) -> None:
   """eval/progress.jsonl's rows -> a figure: k-NN top-1 (left axis) and the attention's Jaccard,
   best head and head mean (right axis), against the training step."""
   steps = [r["step"] for r in rows]
@@ -124,12 +144,12 @@ def plot_progress(rows: Sequence[dict[str, Any]], path: str, headline_k: int = 2
   ax.set_xlabel("step")
   ax.set_title("the teacher during training", fontsize=10)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=100)
+  _save_figure(fig, path)
 
 
-def plot_examples(config: mlc.ConfigDict, maps: np.ndarray, patch_size: int, path: str) -> None:
+def plot_examples(config: mlc.ConfigDict, maps: np.ndarray, patch_size: int,
+                  path: str | os.PathLike) -> None:
   """The attention grid of the first eval images, maps (B, h, gh, gw) of those images."""
   batch = next(iter(pipeline.eval_batches(config, config.data.eval_split, len(maps))))
   plot_grid(path, batch["image"], maps, patch_size, config.eval.attention_threshold,
-                      batch.get("object_mask"), titles=[f"label {y}" for y in batch["label"]])
+            batch.get("object_mask"), titles=[f"label {y}" for y in batch["label"]])

@@ -15,7 +15,6 @@ eval/progress.jsonl, redraws eval/progress.png and writes TensorBoard scalars ev
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -27,14 +26,14 @@ from absl import logging
 from jax.sharding import Mesh
 
 from dino_jax import metrics
+from dino_jax import paths
 from dino_jax import sharding as sharding_lib
 from dino_jax.evaluate import features, plots, scores
 
 
-def write_json(path: str, data: dict[str, Any]) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(data, f, indent=2)
+def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
+  """data as indented JSON at path (a local path or a URI), its directory created."""
+  paths.write_json(path, data)
 
 
 def run(config: mlc.ConfigDict, workdir: str, random_init: Any = None
@@ -56,22 +55,22 @@ def run(config: mlc.ConfigDict, workdir: str, random_init: Any = None
   results, speed = scores.evaluate(config, backbone, models, ks=e.nb_knn,
                                    temperature=e.knn_temperature, mesh=mesh)
   trained = results["trained"]
-  out_dir = os.path.join(workdir, "eval")
+  out_dir = paths.path(workdir) / "eval"
   if jax.process_index() == 0:
     if "knn" in trained:
       knn_json = dict(trained["knn"])
       if "random_init" in results:
         knn_json["random_init"] = results["random_init"]["knn"]
-      write_json(os.path.join(out_dir, "knn.json"), knn_json)
+      write_json(out_dir / "knn.json", knn_json)
     if "attention" in trained:
       att_json = dict(trained["attention"])
       if "random_init" in results:
         rnd = dict(results["random_init"]["attention"])
         del rnd["object_area"]  # a property of the data, not of the network
         att_json["random_init"] = rnd
-      write_json(os.path.join(out_dir, "attention.json"), att_json)
+      write_json(out_dir / "attention.json", att_json)
       plots.plot_examples(config, trained["maps"], backbone.patch_size,
-                          os.path.join(out_dir, "attention.png"))
+                          out_dir / "attention.png")
   logging.info("evaluation of the teacher at step %d (features: %.0f train, %.0f eval images/s; "
                "%.1f s in all):\n%s", step, speed["train_features_per_sec"],
                speed["eval_features_per_sec"], time.perf_counter() - t0,
@@ -99,7 +98,7 @@ def during_training(config: mlc.ConfigDict, backbone: nn.Module, teacher_backbon
     return
   writer.append(metrics.EVAL_LOG, row)
   plots.plot_progress(writer.read(metrics.EVAL_LOG),
-                      os.path.join(writer.workdir, "eval", "progress.png"))
+                      paths.path(writer.workdir) / "eval" / "progress.png")
   scalars = {f"knn{k}_top1": v for k, v in row.get("knn_top1", {}).items()}
   scalars.update({k: v for k, v in row.items() if k not in ("step", "knn_top1")})
   writer.scalars("eval", scalars, step)

@@ -14,4 +14,7 @@ from dino_jax import config as config_lib
 def get_config(arg: str | None = None):
   c = config_lib.imagenet(arg)
   c.model.arch = "vit_base"
+  # The release's ViT-B probe: the last block's [CLS] with its average-pooled patch tokens.
+  c.eval.linear_n_last_blocks = 1
+  c.eval.linear_avgpool_patchtokens = True
   return c

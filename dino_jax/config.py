@@ -95,6 +95,10 @@ def base_config() -> mlc.ConfigDict:
   c.data.prefetch = 2
   c.data.eval_resize = 256
   c.data.cache_dir = ""
+  # Decode large JPEGs at a reduced DCT scale (Image.draft) that still gives every crop its full
+  # resolution: several times faster on big photos (docs/notes/data.md, "JPEG draft decoding"),
+  # but not the pixels the release sees, so off by default.
+  c.data.jpeg_draft = False
   c.data.shapes_train_size = 8000
   c.data.shapes_eval_size = 600
   c.data.shapes_image_size = 32

@@ -282,7 +282,7 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
   pending = []  # per-step losses since the last check: no NaN may reach a checkpoint
   collapse_streak = 0
   t0, t0_step, t_start = None, start_step, time.time()
-  step = start_step
+  step, metrics = start_step, None
   # On CPU one step at a time: the next batch is made while a step runs, then the loop waits for
   # that step before dispatching the next. XLA:CPU mallocs each step's temporaries, and a step
   # queued behind another starts before the other's are freed, so the heap (never trimmed:
@@ -337,8 +337,8 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
         if config.eval.every_steps and step % config.eval.every_steps == 0:
           t_eval = time.time()
           with jax.transfer_guard("allow"):  # the evaluation feeds its own batches
-            report.during_training(config, build_models(config)[1].backbone,
-                                   state.teacher_params["backbone"], step, mesh, writer)
+            report.during_training(config, state.teacher_params["backbone"], step, mesh,
+                                   writer)
           t0 += time.time() - t_eval  # images/s and ETA count training only
         if save_now or stop:
           checkpoint.save(mngr, step, state, run_topology)

@@ -15,7 +15,8 @@ from PIL import Image
 from dino_jax import checkpoint
 from dino_jax import state as state_lib
 from dino_jax.data.sources import make_source
-from dino_jax.models import build_models
+from dino_jax.evaluate import features
+from dino_jax.models import build_models, build_vit
 import helpers
 from test_knn import brute_force
 
@@ -193,3 +194,17 @@ def test_report_trained_equals_random_init_for_a_fresh_checkpoint(workdir):
     assert value == att[key], key
   assert len(att["per_head"]) == 2 and att["jaccard"] == max(att["per_head"])
   assert Image.open(os.path.join(workdir, "eval", "attention.png")).size[0] > 200
+
+
+def test_evaluations_run_in_float32_whatever_the_training_dtype():
+  """A bf16 run with cuDNN attention is evaluated as the release evaluates: float32 compute and
+  an attention form that takes float32, on the same params."""
+  config = tiny_config()
+  config.model.dtype, config.model.attention = "bfloat16", "cudnn"
+  backbone = features.evaluation_backbone(config)
+  assert (backbone.dtype, backbone.attention) == (jax.numpy.float32, "xla")
+  reference = build_vit("vit_custom", 4, embed_dim=32, depth=2, num_heads=2, img_size=16)
+  x = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
+  params = reference.init(jax.random.PRNGKey(0), x)["params"]
+  np.testing.assert_allclose(backbone.apply({"params": params}, x),
+                             reference.apply({"params": params}, x), rtol=1e-6, atol=1e-6)

@@ -215,6 +215,25 @@ def test_eval_batches_of_a_folder_use_the_eval_transform(tmp_path):
     np.testing.assert_array_equal(batches[i // 4]["image"][i % 4], expected)
 
 
+@pytest.mark.parametrize("draft", [False, True])
+def test_large_jpegs_are_decoded_whole_unless_jpeg_draft(tmp_path, draft):
+  """By default every JPEG is decoded at full size (the release's pixels); data.jpeg_draft lets
+  a large one be decoded at a reduced DCT scale that still covers the eval resize."""
+  rng = np.random.default_rng(0)
+  big = Image.fromarray((rng.random((400, 600, 3)) * 255).astype(np.uint8))
+  buf = io.BytesIO()
+  big.save(buf, "JPEG", quality=90)
+  (tmp_path / "a.jpg").write_bytes(buf.getvalue())
+  c = _config(**{"data.source": "folder", "data.path": str(tmp_path), "data.eval_resize": 64,
+                 "global_crops_size": 48, "data.jpeg_draft": draft})
+  got = next(iter(pipeline.eval_batches(c, c.data.train_split, 1)))["image"][0]
+  with Image.open(io.BytesIO(buf.getvalue())) as img:
+    if draft:
+      img.draft("RGB", (150, 100))  # 1/4 scale: 100 px, the smallest >= 64
+    expected = augment.eval_transform(np.asarray(img.convert("RGB")), 64, 48)
+  np.testing.assert_array_equal(got, expected)
+
+
 
 def test_probe_train_batches_cover_each_image_once_an_epoch_on_any_process_count(monkeypatch):
   """37 images, global batch 12: 4 steps an epoch on every process; process p holds every P-th

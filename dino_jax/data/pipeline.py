@@ -50,7 +50,8 @@ def train_dataset(config: mlc.ConfigDict, *, process_index: int, process_count: 
                      f"{process_count} processes")
   d = config.data
   if source is None:
-    source = make_source(config, d.train_split, min_side=_train_min_side(config))
+    source = make_source(config, d.train_split,
+                         min_side=_train_min_side(config) if d.jpeg_draft else 0)
   ds = (grain.MapDataset.source(source).seed(config.seed).shuffle().repeat()
         .random_map(augment.MultiCrop.from_config(config)))
   first = start_step * process_count + process_index
@@ -69,7 +70,7 @@ def eval_batches(config: mlc.ConfigDict, split: str, batch_size: int, *, process
   number of batches, the last ones padded with valid = False.
   """
   d = config.data
-  source = make_source(config, split, min_side=d.eval_resize)
+  source = make_source(config, split, min_side=d.eval_resize if d.jpeg_draft else 0)
   n = len(source)
   share = math.ceil(n / process_count)
   start, stop = min(process_index * share, n), min((process_index + 1) * share, n)

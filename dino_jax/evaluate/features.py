@@ -173,13 +173,22 @@ def extract(fn: Callable[[Any, dict[str, jax.Array]], dict[str, Any]], params: A
                    "examples_per_sec": timed_n / max(timed_s, 1e-9)}
 
 
+def evaluation_backbone(config: mlc.ConfigDict, which: str = "teacher") -> nn.Module:
+  """The config's teacher (or student) backbone as every evaluation runs it: in float32, as the
+  release evaluates, whatever precision it trained in; XLA's attention where training used
+  cuDNN's, which takes 16-bit inputs only. Same params."""
+  student, teacher = build_models(config)
+  backbone = (teacher if which == "teacher" else student).backbone
+  attention = "xla" if backbone.attention == "cudnn" else backbone.attention
+  return backbone.clone(dtype=jnp.float32, attention=attention)
+
+
 def load_backbone(workdir: str, which: str = "teacher", step: int | None = None
                   ) -> tuple[mlc.ConfigDict, nn.Module, Any, int]:
-  """(config, backbone module, backbone params, step) from a workdir's latest (or given)
+  """(config, evaluation_backbone, backbone params, step) from a workdir's latest (or given)
   checkpoint: the teacher by default, or the student."""
   config, params, step = checkpoint.restore_params(workdir, which, step)
-  student, teacher = build_models(config)
-  return config, (teacher if which == "teacher" else student).backbone, params["backbone"], step
+  return config, evaluation_backbone(config, which), params["backbone"], step
 
 
 def random_init_backbone(config: mlc.ConfigDict) -> Any:

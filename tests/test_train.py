@@ -27,6 +27,24 @@ def test_misspelt_config_key_fails_fast_naming_the_closest_key(tmp_path):
   assert time.time() - t < 60
 
 
+def test_print_config_lists_every_key_with_its_value_and_comment(tmp_path):
+  """--print_config: one line per key of the resolved config (overrides applied), with the
+  comment base_config() gives it; nothing trained, no workdir needed."""
+  from dino_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  proc = subprocess.run([sys.executable, "-m", "dino_jax.train", "--config", runs.DEFAULT_CONFIG,
+                         "--print_config", "--config.lr=0.01"], capture_output=True, text=True,
+                        cwd=tmp_path, env=runs.env(1), timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  lines = dict(line.split(" = ", 1) for line in proc.stdout.splitlines())
+  config = config_lib.from_file(runs.DEFAULT_CONFIG, ["lr=0.01"]).to_dict()
+  flat = lambda d, p="": [k for key, v in d.items() for k in (
+      flat(v, f"{p}{key}.") if isinstance(v, dict) else [f"{p}{key}"])]
+  assert sorted(lines) == sorted(flat(config)) and len(lines) > 90
+  assert lines["lr"].startswith("0.01  # for a global batch of 256")
+  assert lines["model.depth"] == "3" and lines["model.arch"].startswith("'vit_custom'  # ")
+  assert not os.listdir(tmp_path)
+
+
 def test_config_from_file_equals_the_command_line(monkeypatch):
   """config.from_file (notebooks, scripts) gives what ml_collections' --config flag parsing gives
   the trainer for the same file and overrides; a misspelt key names the closest one."""
@@ -56,6 +74,7 @@ def test_config_from_file_equals_the_command_line(monkeypatch):
     ("--config.model.attention=flash", "model.attention='flash'"),
     ("--config.eval.every_steps=-5", "eval.every_steps=-5"),
     ("--config.momentum_teacher_end=1.5", "momentum_teacher_end=1.5"),
+    ("--config.model.dtype=float16", "use bfloat16"),  # no loss scaling: refused, not NaN
 ])
 def test_bad_values_fail_before_compiling_naming_the_value(tmp_path, override, needle):
   proc = runs.train(tmp_path, override, check=False)

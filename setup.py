@@ -52,6 +52,7 @@ setup(
     # dino-jax-train, dino-jax-eval-knn, ...: `python -m dino_jax.<command>` (dino_jax/commands.py).
     entry_points={"console_scripts": [
         f"dino-jax-{name.replace('_', '-')}=dino_jax.commands:main" for name in (
-            "train", "eval_knn", "eval_linear", "visualize_attention", "export_torch",
+            "train", "eval_knn", "eval_linear", "eval_video_segmentation",
+            "eval_image_retrieval", "eval_copy_detection", "visualize_attention", "export_torch",
             "import_torch")]},
 )

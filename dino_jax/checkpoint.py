@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import grain
 import jax
 import ml_collections as mlc
 import numpy as np
@@ -37,10 +38,14 @@ def manager(workdir: str, keep: int = 3, read_only: bool = False) -> ocp.Checkpo
                                            enable_async_checkpointing=False)
   else:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True)
+  # "data": the input iterator's state, which checkpoints written before the input became a
+  # function of the step hold; known to the manager so that reading them stays quiet, never read.
   return ocp.CheckpointManager(
-      paths.path(workdir) / "checkpoints", options=options, item_names=("state", "topology"),
+      paths.path(workdir) / "checkpoints", options=options,
+      item_names=("state", "topology", "data"),
       item_handlers={"state": ocp.StandardCheckpointHandler(),
-                     "topology": ocp.JsonCheckpointHandler()})
+                     "topology": ocp.JsonCheckpointHandler(),
+                     "data": grain.checkpoint.CheckpointHandler()})
 
 
 def topology(mesh: jax.sharding.Mesh) -> dict[str, Any]:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import os
 import sys
 
-COMMANDS = ("train", "eval_knn", "eval_linear", "visualize_attention", "export_torch",
-            "import_torch")
+COMMANDS = ("train", "eval_knn", "eval_linear", "eval_video_segmentation", "eval_image_retrieval",
+            "eval_copy_detection", "visualize_attention", "export_torch", "import_torch")
 
 
 def main() -> None:

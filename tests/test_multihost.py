@@ -3,13 +3,18 @@ fsdp across processes, the SLURM launch, and a checkpoint that cannot serve.
 
 Every run is runs.TINY's 12 steps, compared with the 8-device reference run.
 """
+import logging
 import os
 import shutil
 
+import grain
 import numpy as np
+import orbax.checkpoint as ocp
 import portpicker
 import pytest
 import runs
+
+from dino_jax import checkpoint
 
 
 def _keep_only_step_4(workdir):
@@ -66,3 +71,17 @@ def test_a_checkpoint_this_config_cannot_read_stops_and_changes_nothing(tmp_path
   assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert (sorted(os.listdir(tmp_path / "checkpoints")), runs.metrics(tmp_path)) == before
   assert runs.final_state(tmp_path)[0] == 12
+
+
+def test_a_checkpoint_with_the_old_iterator_item_restores_quietly(tmp_path, caplog):
+  """Checkpoints written when the input iterator's state was saved beside the state (an item
+  'data') restore as they are, without orbax warning of the unread item."""
+  it = iter(grain.MapDataset.range(10).to_iter_dataset())
+  next(it)
+  with ocp.CheckpointManager(tmp_path / "checkpoints", item_names=("state", "data")) as mngr:
+    mngr.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave({"w": np.arange(4.0)}),
+                                         data=grain.checkpoint.CheckpointSave(it)))
+  with caplog.at_level(logging.WARNING):
+    step, state = checkpoint.restore_host(str(tmp_path))
+  assert step == 3 and state["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
+  assert not [r for r in caplog.records if "data" in r.getMessage()], caplog.text

@@ -56,31 +56,45 @@ def train_dataset(config: mlc.ConfigDict, *, process_index: int, process_count: 
         .random_map(augment.MultiCrop.from_config(config)))
   first = start_step * process_count + process_index
   ds = ds.batch(config.batch_size // process_count, drop_remainder=True)[first::process_count]
-  return _prefetch(ds, d)
+  return _prefetch(ds, d.threads, d.prefetch, d.workers)
 
 
 def eval_batches(config: mlc.ConfigDict, split: str, batch_size: int, *, process_index: int = 0,
                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-  """Every image of `split` once, in order, in batches of this process's share.
+  """Every image of `split` once, in order, in batches of this process's share (padded_share).
 
   Elements: {'image': uint8 (B, H, W, 3), 'label': int32 (B,) (-1 without labels), 'valid': bool
   (B,)} plus 'object_mask': bool (B, H, W) where the source has masks. Images are the eval
   transform's (shorter side resized to data.eval_resize, bicubic, centre crop global_crops_size),
-  `shapes` images as generated. Process p reads a contiguous share; every process yields the same
-  number of batches, the last ones padded with valid = False.
+  `shapes` images as generated.
   """
   d = config.data
   source = make_source(config, split, min_side=d.eval_resize if d.jpeg_draft else 0)
+  transform = functools.partial(_eval_record, resize=None if d.source == "shapes" else
+                                d.eval_resize, crop=config.global_crops_size)
+  return padded_share(source, batch_size, process_index=process_index,
+                      process_count=process_count, transform=transform, threads=d.threads,
+                      workers=d.workers, prefetch=d.prefetch)
+
+
+def padded_share(source, batch_size: int, *, process_index: int = 0, process_count: int = 1,
+                 transform: Callable[[dict], dict] | None = None, threads: int = 1,
+                 workers: int = 0, prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
+  """Every record of a random-access source (len, [index]) once, in order, for features.extract:
+  process p reads a contiguous share, in batches of batch_size, and every process yields as many
+  batches, the last ones padded with 'valid' False.
+
+  Elements: transform(record) (the record itself without one), batched, with 'valid': bool (B,).
+  threads / workers / prefetch: as config.data's (grain threads, worker processes, buffer).
+  """
   n = len(source)
   share = math.ceil(n / process_count)
   start, stop = min(process_index * share, n), min((process_index + 1) * share, n)
-  num_batches = math.ceil(share / batch_size)
-  transform = functools.partial(_eval_record, resize=None if d.source == "shapes" else
-                                d.eval_resize, crop=config.global_crops_size)
+  record = functools.partial(_valid_record, transform=transform)
   pad = functools.partial(grain.experimental.batch_and_pad, batch_size=batch_size)
-  ds = grain.MapDataset.source(source)[start:stop].map(transform).batch(batch_size, batch_fn=pad)
-  yield from _padded(_prefetch(ds, d) if stop > start else (), num_batches,
-                     lambda: pad([transform(source[0])]))
+  ds = grain.MapDataset.source(source)[start:stop].map(record).batch(batch_size, batch_fn=pad)
+  batches = _prefetch(ds, threads, prefetch, workers) if stop > start else ()
+  return _padded(batches, math.ceil(share / batch_size), lambda: pad([record(source[0])]))
 
 
 def probe_train_batches(config: mlc.ConfigDict, epoch: int, batch_size: int, *,
@@ -102,8 +116,7 @@ def probe_train_batches(config: mlc.ConfigDict, epoch: int, batch_size: int, *,
   ds = grain.MapDataset.source(source).shuffle(seed=seed).random_map(crop, seed=seed)
   ds = ds[process_index::process_count]
   pad = functools.partial(grain.experimental.batch_and_pad, batch_size=local)
-  ds = ds.batch(local, batch_fn=pad).to_iter_dataset(
-      grain.ReadOptions(num_threads=config.data.threads, prefetch_buffer_size=4))
+  ds = _prefetch(ds.batch(local, batch_fn=pad), config.data.threads, 4, 0)
   yield from _padded(ds, math.ceil(len(source) / batch_size),
                      lambda: pad([crop.random_map(source[0], np.random.default_rng(0))]))
 
@@ -142,10 +155,14 @@ def _train_min_side(config: mlc.ConfigDict) -> int:
       (config.local_crops_size, config.local_crops_scale)))
 
 
+def _valid_record(record: dict, transform: Callable[[dict], dict] | None) -> dict:
+  return {**(record if transform is None else transform(record)), "valid": np.True_}
+
+
 def _eval_record(record: dict, resize: int | None, crop: int) -> dict[str, np.ndarray]:
   image = record["image"] if resize is None else augment.eval_transform(record["image"], resize,
                                                                           crop)
-  out = {"image": image, "label": np.int32(record["label"]), "valid": np.True_}
+  out = {"image": image, "label": np.int32(record["label"])}
   if "object_mask" in record:
     out["object_mask"] = record["object_mask"]
   return out
@@ -167,17 +184,17 @@ def _padded(batches: Iterable[dict[str, np.ndarray]], num_batches: int,
       yield invalid
 
 
-def _prefetch(ds: grain.MapDataset, d: mlc.ConfigDict) -> grain.IterDataset:
-  """Batches computed ahead: data.prefetch of them by data.threads threads (default 1), in each
-  of data.workers processes if > 0, else in this one."""
-  threads = d.threads
+def _prefetch(ds: grain.MapDataset, threads: int, prefetch: int, workers: int
+              ) -> grain.IterDataset:
+  """Batches computed ahead: `prefetch` of them by `threads` threads, in each of `workers`
+  processes if > 0, else in this one."""
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
-                                            prefetch_buffer_size=max(d.prefetch, threads)))
-  if d.workers > 0:
+                                            prefetch_buffer_size=max(prefetch, threads)))
+  if workers > 0:
     # grain 0.2.18 reads an absl flag when starting workers and raises if flags are unparsed,
     # as outside absl.app (tests, notebooks): google/grain#1355, fixed upstream.
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.workers,
-                                                     per_worker_buffer_size=d.prefetch))
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                     per_worker_buffer_size=prefetch))
   return it

@@ -9,9 +9,13 @@ Formats:
                VisionTransformer (num_classes=0). With --with_head: the release's MultiCropWrapper
                layout, keys 'backbone.*' and 'head.*' (last_layer.weight_g / weight_v).
   safetensors  the same tensors in a .safetensors file (metadata: arch, patch size, heads, step).
-  hf           a directory (config.json + model.safetensors) that transformers.ViTModel loads:
-               ViTModel.from_pretrained(DIR, add_pooling_layer=False); backbone only. Key names
-               of transformers 4.x and the Hub (transformers 5 renames them as it loads).
+  hf           a directory in the Hub's layout (config.json, model.safetensors,
+               preprocessor_config.json): AutoModel.from_pretrained(DIR), AutoImageProcessor
+               and pipeline("image-feature-extraction", model=DIR) load it (the processor:
+               bicubic resize to the model's image size, ImageNet mean / std); backbone only, no
+               pooler (AutoModel adds an unused random one: ViTModel.from_pretrained(DIR,
+               add_pooling_layer=False) does not). Key names of transformers 4.x and the Hub
+               (transformers 5 renames them as it loads).
   full         the release's full training checkpoint: 'student' ('module.backbone.*',
                'module.head.*'), 'teacher', 'optimizer' (torch AdamW state, the release's two
                param groups), 'epoch', 'args', 'dino_loss' {'center'}. main_dino.py resumes from

@@ -7,7 +7,8 @@
 MultiCropWrapper state_dict ('backbone.*' / 'head.*'), the release's full training checkpoint
 ('student', 'teacher', 'optimizer', 'dino_loss', 'args', ...), a .safetensors file, or a
 directory holding a transformers.ViTModel (config.json + model.safetensors or
-pytorch_model.bin). Files are read without executing code (torch.load(weights_only=True),
+pytorch_model.bin; the Hub's facebook/dino-vit* layout, whose layer_norm_eps 1e-12 is read as
+DINO's 1e-6 with a logged note). Files are read without executing code (torch.load(weights_only=True),
 safetensors).
 
 DIR gets config.json and checkpoints/<step>/: eval_knn, eval_linear, visualize_attention and

@@ -2,9 +2,10 @@
 
 Formats (FORMATS): 'pth' (the backbone state_dict with the release's key names; with_head: the
 release's MultiCropWrapper layout, 'backbone.*' and 'head.*'), 'safetensors' (the same tensors;
-metadata: arch, patch size, heads, step), 'hf' (a transformers.ViTModel directory, backbone only)
-and 'full' (the release's full training checkpoint: both networks, the AdamW state, 'epoch',
-'args', 'dino_loss'). The export_torch module docstring says what each loads into.
+metadata: arch, patch size, heads, step), 'hf' (a transformers.ViTModel directory in the Hub's
+layout: config.json, model.safetensors, preprocessor_config.json; backbone only) and 'full' (the
+release's full training checkpoint: both networks, the AdamW state, 'epoch', 'args',
+'dino_loss'). The export_torch module docstring says what each loads into.
 
 The workdir and the output may be URIs (gs://bucket/...): files are serialised in memory and
 written (metrics.jsonl read) through dino_jax.paths.
@@ -132,6 +133,8 @@ def export(workdir: str, output: str, *, which: str = "teacher", with_head: bool
     else:  # hf
       out_dir = paths.path(output)
       paths.write_json(out_dir / "config.json", hf.hf_config(**shape))
+      paths.write_json(out_dir / "preprocessor_config.json",
+                       hf.preprocessor_config(shape["img_size"]))
       sd = hf.release_to_hf(sd)
       _safetensors_save(sd, out_dir / "model.safetensors", {"format": "pt"})
     keys = list(sd)

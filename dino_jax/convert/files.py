@@ -23,6 +23,7 @@ import ml_collections as mlc
 
 from dino_jax import config as config_lib
 from dino_jax import paths
+from dino_jax.convert import hf
 from dino_jax.convert.state_dicts import torch_extra
 
 # Config keys with the same name and meaning as the release's main_dino.py arguments.
@@ -72,9 +73,7 @@ def load_file(path: str) -> tuple[Any, dict[str, Any]]:
     # The pooler (ViTModel's default add_pooling_layer) has no DINO counterpart.
     obj = {k: v for k, v in obj.items() if not k.startswith(("pooler.", "vit.pooler."))}
     info = {"num_heads": cfg.get("num_attention_heads")}
-    if cfg.get("hidden_act", "gelu") != "gelu" or cfg.get("layer_norm_eps", 1e-6) != 1e-6:
-      raise ValueError(f"{cfg_path}: hidden_act {cfg.get('hidden_act')!r} and layer_norm_eps "
-                       f"{cfg.get('layer_norm_eps')} differ from DINO's ViT (exact GELU, 1e-6)")
+    hf.check_config(cfg, str(cfg_path))
     return obj, info
   if str(path).endswith(".safetensors"):
     try:

@@ -1,4 +1,5 @@
-"""Hugging Face transformers.ViTModel names and config.json for the release's ViT backbone.
+"""Hugging Face transformers.ViTModel names, config.json and preprocessor_config.json for the
+release's ViT backbone.
 
 transformers splits the release's fused qkv (3D, D) into attention.attention.{query, key, value}
 (D, D) each and renames the rest (embeddings.*, encoder.layer.{i}.*, layernorm.*); the tensors are
@@ -10,6 +11,14 @@ import re
 from typing import Any, Mapping
 
 import numpy as np
+from absl import logging
+from PIL import Image
+
+from dino_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD
+
+# DINO's ViT LayerNorm eps (models/vit.py). transformers' ViTConfig defaults to 1e-12, and its
+# DINO conversion (the Hub's facebook/dino-vit*) keeps that default.
+DINO_LAYER_NORM_EPS = 1e-6
 
 # The names of transformers 4.x and of the Hub's ViT checkpoints (transformers 5 renames them on
 # load); hf_to_release also reads transformers 5's own names.
@@ -86,6 +95,24 @@ def hf_to_release(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]
   return out
 
 
+def check_config(cfg: Mapping[str, Any], where: str) -> None:
+  """Raises ValueError unless a transformers config.json describes DINO's ViT block: exact GELU and
+  layer_norm_eps <= 1e-6. A smaller eps (1e-12: the Hub's facebook/dino-vit* directories) is
+  accepted with a logged note: the weights are DINO's, dino_jax runs them with eps 1e-6, and a
+  LayerNorm's output moves by a relative eps / (2 var) at most, var being the variance of its input
+  over a token's D channels (tests/test_hf.py measures the features' difference)."""
+  act, eps = cfg.get("hidden_act", "gelu"), cfg.get("layer_norm_eps", DINO_LAYER_NORM_EPS)
+  if act != "gelu":
+    raise ValueError(f"{where}: hidden_act {act!r} differs from DINO's ViT (exact GELU, 'gelu')")
+  if not 0 <= eps <= DINO_LAYER_NORM_EPS:
+    raise ValueError(f"{where}: layer_norm_eps {eps} differs from DINO's ViT "
+                     f"({DINO_LAYER_NORM_EPS}); only a smaller eps is read as DINO's")
+  if eps != DINO_LAYER_NORM_EPS:
+    logging.info("%s: layer_norm_eps %g (transformers' default, as its DINO conversion writes); "
+                 "the weights are DINO's ViT, run with DINO's eps %g (features differ negligibly)",
+                 where, eps, DINO_LAYER_NORM_EPS)
+
+
 def hf_config(*, embed_dim: int, depth: int, num_heads: int, mlp_dim: int, patch_size: int,
               img_size: int) -> dict[str, Any]:
   """config.json of a transformers.ViTModel equal to the release's ViT (exact GELU, eps 1e-6)."""
@@ -93,6 +120,17 @@ def hf_config(*, embed_dim: int, depth: int, num_heads: int, mlp_dim: int, patch
           "num_hidden_layers": depth, "num_attention_heads": num_heads,
           "intermediate_size": mlp_dim, "hidden_act": "gelu", "hidden_dropout_prob": 0.0,
           "attention_probs_dropout_prob": 0.0, "initializer_range": 0.02,
-          "layer_norm_eps": 1e-6, "image_size": img_size, "patch_size": patch_size,
+          "layer_norm_eps": DINO_LAYER_NORM_EPS, "image_size": img_size, "patch_size": patch_size,
           "num_channels": 3, "qkv_bias": True, "encoder_stride": patch_size,
           "torch_dtype": "float32"}
+
+
+def preprocessor_config(img_size: int) -> dict[str, Any]:
+  """preprocessor_config.json of a transformers.ViTImageProcessor, as the Hub's DINO directories
+  hold: the image resized to img_size x img_size (bicubic, DINO's resample), /255, ImageNet
+  mean / std (DINO's normalisation). AutoImageProcessor and pipeline('image-feature-extraction')
+  read it."""
+  return {"image_processor_type": "ViTImageProcessor", "do_resize": True,
+          "size": {"height": img_size, "width": img_size}, "resample": int(Image.BICUBIC),
+          "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+          "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD)}

@@ -32,6 +32,9 @@ setup(
         "torch": ["torch>=2.4", "torchvision>=0.19", "safetensors"],
         # gs:// workdirs and outputs (etils.epath reads them through gcsfs).
         "gcs": ["gcsfs"],
+        # ONNX export of the backbone (export_torch --format onnx): torch.onnx's dynamo exporter
+        # on a transformers.ViTModel; onnxruntime runs the file.
+        "onnx": ["torch>=2.6", "safetensors", "transformers", "onnx", "onnxscript", "onnxruntime"],
         "test": [
             "pytest",
             "pytest-xdist",
@@ -40,6 +43,9 @@ setup(
             "timm",
             "transformers",
             "safetensors",
+            "onnx",
+            "onnxscript",
+            "onnxruntime",
             "scikit-image",
             "nbclient",
             "nbformat",

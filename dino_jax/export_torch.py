@@ -1,7 +1,7 @@
 """Exports a workdir's weights to the formats PyTorch users exchange.
 
   python -m dino_jax.export_torch --workdir DIR --output FILE [--which teacher|student] \\
-      [--with_head] [--format pth|safetensors|hf|full] [--step N]
+      [--with_head] [--format pth|safetensors|hf|onnx|full] [--step N]
 
 Formats:
   pth          the backbone state_dict with the release's key names (its "pretrain" files); loads
@@ -16,6 +16,11 @@ Formats:
                pooler (AutoModel adds an unused random one: ViTModel.from_pretrained(DIR,
                add_pooling_layer=False) does not). Key names of transformers 4.x and the Hub
                (transformers 5 renames them as it loads).
+  onnx         the backbone as an ONNX graph (needs the 'onnx' extra): input pixel_values
+               (batch, 3, S, S), normalised with ImageNet mean / std, S the model's image size;
+               outputs features (batch, D), the final-LN [CLS] (what dino_jax's model.apply
+               returns), and tokens (batch, 1 + N, D), every final-LN token. The batch axis is
+               dynamic. onnxruntime.InferenceSession(FILE).run(None, {"pixel_values": x}).
   full         the release's full training checkpoint: 'student' ('module.backbone.*',
                'module.head.*'), 'teacher', 'optimizer' (torch AdamW state, the release's two
                param groups), 'epoch', 'args', 'dino_loss' {'center'}. main_dino.py resumes from
@@ -43,8 +48,9 @@ def _define_flags() -> None:
   flags.DEFINE_enum("which", "teacher", ["teacher", "student"], "Network to export (the release "
                     "publishes the teacher).")
   flags.DEFINE_bool("with_head", False, "Also export the DINO head (keys 'backbone.*', 'head.*').")
-  flags.DEFINE_enum("format", None, list(exporting.FORMATS), "pth | safetensors | hf | full. "
-                    "Default: safetensors for an --output ending in .safetensors, else pth.")
+  flags.DEFINE_enum("format", None, list(exporting.FORMATS), "pth | safetensors | hf | onnx | "
+                    "full. Default: safetensors / onnx for an --output ending in .safetensors / "
+                    ".onnx, else pth.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
   flags.mark_flags_as_required(["workdir", "output"])
 
@@ -53,7 +59,8 @@ def main(argv) -> None:
   del argv
   cli.quiet_library_logs()
   f = flags.FLAGS
-  fmt = f.format or ("safetensors" if f.output.endswith(".safetensors") else "pth")
+  fmt = f.format or next((x for x in ("safetensors", "onnx") if f.output.endswith(f".{x}")),
+                         "pth")
   try:
     out = exporting.export(f.workdir, f.output, which=f.which, with_head=f.with_head, fmt=fmt,
                            step=f.step)

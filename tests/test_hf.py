@@ -109,7 +109,7 @@ def exported(hub_dir, tmp_path_factory):
 
 
 def preprocess(image: Image.Image) -> np.ndarray:
-  """DINO's normalisation written out: uint8 (H, W, 3) -> /255, ImageNet mean / std, (1, H, W, 3)."""
+  """DINO's normalisation written out: uint8 (H, W, 3) -> (1, H, W, 3), /255, ImageNet mean, std."""
   return ((np.asarray(image, np.float64) / 255 - MEAN) / STD)[None].astype(np.float32)
 
 

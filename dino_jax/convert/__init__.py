@@ -6,6 +6,7 @@
   files        reading .pth / .safetensors files and transformers directories; the release's
                training `args`.
   importing    weights -> (config, TrainState): load_state, load_backbone, import_weights.
+  onnx_export  the backbone as an ONNX graph (through transformers.ViTModel and torch.onnx).
   exporting    a workdir -> files: export, load_state, backbone_shape.
 
 The CLIs dino_jax.import_torch and dino_jax.export_torch call importing and exporting.

@@ -3,9 +3,10 @@
 Formats (FORMATS): 'pth' (the backbone state_dict with the release's key names; with_head: the
 release's MultiCropWrapper layout, 'backbone.*' and 'head.*'), 'safetensors' (the same tensors;
 metadata: arch, patch size, heads, step), 'hf' (a transformers.ViTModel directory in the Hub's
-layout: config.json, model.safetensors, preprocessor_config.json; backbone only) and 'full' (the
-release's full training checkpoint: both networks, the AdamW state, 'epoch', 'args',
-'dino_loss'). The export_torch module docstring says what each loads into.
+layout: config.json, model.safetensors, preprocessor_config.json; backbone only), 'onnx' (the
+backbone's graph with a dynamic batch axis, convert.onnx_export) and 'full' (the release's full
+training checkpoint: both networks, the AdamW state, 'epoch', 'args', 'dino_loss'). The
+export_torch module docstring says what each loads into.
 
 The workdir and the output may be URIs (gs://bucket/...): files are serialised in memory and
 written (metrics.jsonl read) through dino_jax.paths.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import tempfile
 from typing import Any
 
 import jax
@@ -24,11 +26,11 @@ from absl import logging
 from dino_jax import checkpoint
 from dino_jax import paths
 from dino_jax import state as state_lib
-from dino_jax.convert import files, hf, optimizer
+from dino_jax.convert import files, hf, onnx_export, optimizer
 from dino_jax.convert.state_dicts import flax_to_torch, torch_extra
 from dino_jax.models import build_models
 
-FORMATS = ("pth", "safetensors", "hf", "full")
+FORMATS = ("pth", "safetensors", "hf", "onnx", "full")
 
 
 def load_state(workdir: str, step: int | None = None) -> tuple[Any, Any, int]:
@@ -86,6 +88,18 @@ def _safetensors_save(sd: dict[str, np.ndarray], output: str, metadata: dict[str
   paths.write_bytes(output, torch_extra("safetensors.numpy").save(sd, metadata=metadata))
 
 
+def _hf_save(sd: dict[str, np.ndarray], shape: dict[str, int], output: str
+             ) -> dict[str, np.ndarray]:
+  """The hf directory at output (config.json, model.safetensors, preprocessor_config.json) of a
+  backbone state_dict with the release's names; returns its state_dict (transformers' names)."""
+  out_dir = paths.path(output)
+  paths.write_json(out_dir / "config.json", hf.hf_config(**shape))
+  paths.write_json(out_dir / "preprocessor_config.json", hf.preprocessor_config(shape["img_size"]))
+  sd = hf.release_to_hf(sd)
+  _safetensors_save(sd, out_dir / "model.safetensors", {"format": "pt"})
+  return sd
+
+
 def export(workdir: str, output: str, *, which: str = "teacher", with_head: bool = False,
            fmt: str = "pth", step: int | None = None) -> dict[str, Any]:
   """Writes `output` in format `fmt`; returns {'path', 'format', 'step', 'keys'}."""
@@ -93,8 +107,8 @@ def export(workdir: str, output: str, *, which: str = "teacher", with_head: bool
     raise ValueError(f"format {fmt!r}: expected one of {FORMATS}")
   if which not in ("teacher", "student"):
     raise ValueError(f"which={which!r}: expected 'teacher' or 'student'")
-  if fmt == "hf" and with_head:
-    raise ValueError("--format hf holds the backbone only (transformers.ViTModel has no DINO "
+  if fmt in ("hf", "onnx") and with_head:
+    raise ValueError(f"--format {fmt} holds the backbone only (transformers.ViTModel has no DINO "
                      "head); export the head with --format pth or safetensors --with_head")
   paths.check(output)
   config, state, step = load_state(workdir, step)
@@ -130,13 +144,12 @@ def export(workdir: str, output: str, *, which: str = "teacher", with_head: bool
       meta = {"format": "pt", "arch": config.model.arch, "patch_size": str(shape["patch_size"]),
               "num_heads": str(shape["num_heads"]), "which": which, "step": str(step)}
       _safetensors_save(sd, output, meta)
-    else:  # hf
-      out_dir = paths.path(output)
-      paths.write_json(out_dir / "config.json", hf.hf_config(**shape))
-      paths.write_json(out_dir / "preprocessor_config.json",
-                       hf.preprocessor_config(shape["img_size"]))
-      sd = hf.release_to_hf(sd)
-      _safetensors_save(sd, out_dir / "model.safetensors", {"format": "pt"})
+    elif fmt == "onnx":  # through the hf directory's ViTModel
+      with tempfile.TemporaryDirectory() as hf_dir:
+        _hf_save(sd, shape, hf_dir)
+        paths.write_bytes(output, onnx_export.backbone_onnx(hf_dir))
+    else:
+      sd = _hf_save(sd, shape, output)
     keys = list(sd)
   logging.info("wrote %s (%s, %s, step %d)", output, fmt, "full" if fmt == "full" else which, step)
   return {"path": output, "format": fmt, "step": step, "keys": keys}

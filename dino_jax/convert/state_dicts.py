@@ -136,13 +136,18 @@ def torch_shape(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
   return tuple(shape)
 
 
-def torch_extra(module: str) -> Any:
-  """Imports a module of the 'torch' extra (torch, safetensors), or says how to install it."""
+_EXTRAS = {"torch": ("PyTorch weight exchange", "torch safetensors"),  # extra: (for, packages)
+           "onnx": ("ONNX export", "torch safetensors transformers onnx onnxscript onnxruntime")}
+
+
+def torch_extra(module: str, extra: str = "torch") -> Any:
+  """Imports a module of an extra (_EXTRAS), or says in one line how to install it."""
   try:
     return importlib.import_module(module)
   except ImportError as e:
-    raise ImportError(f"{module} is not installed: PyTorch weight exchange needs the 'torch' "
-                      "extra (pip install -e '.[torch]', or pip install torch safetensors)") from e
+    what, packages = _EXTRAS[extra]
+    raise ImportError(f"{module} is not installed: {what} needs the '{extra}' extra "
+                      f"(pip install -e '.[{extra}]', or pip install {packages})") from e
 
 
 def to_numpy(x: Any) -> np.ndarray:

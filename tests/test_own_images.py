@@ -135,7 +135,8 @@ def train(config_path, workdir, *flags, devices=1):
 def test_main_job_trains_on_a_flat_folder_of_mixed_sizes(folders, tmp_path):
   """The README's command on a flat folder: it trains (crops on the host, the closing evaluation
   skipped, each said in one line), the two undecodable files are skipped and logged, and the
-  logged steps are finite."""
+  logged steps are finite; eval_knn on the workdir then fails in one line naming the missing
+  val/ folder."""
   proc = train(runs.DEFAULT_CONFIG, tmp_path, "--config.data.source=folder",
                f"--config.data.path={folders / 'flat'}", "--config.total_steps=2",
                "--config.log_every_steps=1", "--config.checkpoint_every_steps=2")
@@ -153,6 +154,12 @@ def test_main_job_trains_on_a_flat_folder_of_mixed_sizes(folders, tmp_path):
   with open(tmp_path / "config.json") as f:
     saved = json.load(f)
   assert saved["aug"]["crops_on_device"] is False and saved["eval"]["after_training"] is False
+  # eval_knn on that workdir says in one line why it cannot run.
+  proc = subprocess.run([sys.executable, "-m", "dino_jax.eval_knn", "--workdir", str(tmp_path)],
+                        env=runs.env(1), cwd=runs.REPO, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert f"no folder '{folders / 'flat' / 'val'}'" in proc.stderr.splitlines()[-1]
 
 
 def test_main_job_on_train_and_val_class_folders_scores_knn(folders, tmp_path):

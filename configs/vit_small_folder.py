@@ -18,11 +18,11 @@ the log. The crops are made on the host (PIL) by data.workers processes.
 Memory: the optimizer step sees batch_size = 256 images, fed to the device as grad_accum_steps
 micro-batches of 64 (loss, gradient and centre equal the whole batch's: train.train_step). The
 release trains ViT-S/16 at 64 images per GPU in fp16 autocast without asking for its 32 GB V100s
-(its ViT-B command does); bf16 activations take what fp16's do. XLA's buffer assignment of this step (compiled for the CPU, K 16384, bf16) keeps
-17.8 GiB of temporaries at micro-batches of 64 (4 of them), 34.6 GiB at 128, so: the default fits
-24 GB; --config.grad_accum_steps=2 for 40-48 GB, =1 (about 69 GiB by the same count) for 80 GB,
-both faster. The same recipe either way (only the random draws on the device differ). Not yet
-measured on a GPU.
+(its ViT-B command does); bf16 activations take what fp16's do. XLA's buffer assignment of this
+step (compiled for the CPU, K 16384, bf16) keeps 17.8 GiB of temporaries at micro-batches of 64
+(4 of them), 34.6 GiB at 128, so: the default fits 24 GB; --config.grad_accum_steps=2 for
+40-48 GB, =1 (about 69 GiB by the same count) for 80 GB, both faster. The same recipe either way
+(only the random draws on the device differ). Not yet measured on a GPU.
 
 Collapse: every log line shows the teacher's entropy, its batch-mean entropy and the KL
 (dino_jax/diagnostics.py). Healthy: entropy well below ln K (9.0 at K 8192), batch-mean well above

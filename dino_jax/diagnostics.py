@@ -27,7 +27,7 @@ def explain(out_dim: int) -> str:
   return (f"collapse diagnostics in each log line: teacher entropy (uniform collapse above "
           f"{UNIFORM * ln_k:.2f}, {UNIFORM:.0%} of ln K = {ln_k:.2f}), batch-mean entropy (one-hot "
           f"collapse below {ONE_HOT * ln_k:.2f}), kl (0 under either); after the first epoch, "
-          f"{STREAK} log steps in a row past a threshold log a COLLAPSE warning saying what to "
+          f"{STREAK} log steps in a row past a threshold log a collapse warning saying what to "
           "change")
 
 

@@ -153,7 +153,8 @@ def resolve(config: mlc.ConfigDict) -> None:
   if why:
     logging.warning("%s: no k-NN evaluation during or after training (eval.after_training and "
                     "eval.every_steps turned off). For attention maps of your images: python -m "
-                    "dino_jax.visualize_attention --workdir WORKDIR --image IMAGE --output DIR", why)
+                    "dino_jax.visualize_attention --workdir WORKDIR --image IMAGE --output DIR",
+                    why)
     e.after_training, e.every_steps = False, 0
 
 

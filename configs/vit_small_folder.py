@@ -16,12 +16,13 @@ Images of any size and format PIL reads; a file that cannot be decoded is skippe
 the log. The crops are made on the host (PIL) by data.workers processes.
 
 Memory: the optimizer step sees batch_size = 256 images, fed to the device as grad_accum_steps
-micro-batches of 64 (loss, gradient and centre equal the whole batch's: train.train_step). The
-release trains ViT-S/16 at 64 images per GPU in fp16 autocast without asking for its 32 GB V100s
-(its ViT-B command does); bf16 activations take what fp16's do. XLA's buffer assignment of this
-step (compiled for the CPU, K 16384, bf16) keeps 17.8 GiB of temporaries at micro-batches of 64
-(4 of them), 34.6 GiB at 128, so: the default fits 24 GB; --config.grad_accum_steps=2 for
-40-48 GB, =1 (about 69 GiB by the same count) for 80 GB, both faster. The same recipe either way
+micro-batches (loss, gradient and centre equal the whole batch's: train.train_step). The release
+trains ViT-S/16 at 64 images per GPU in fp16 autocast without asking for its 32 GB V100s (its
+ViT-B command does); bf16 activations take what fp16's do. XLA's buffer assignment of this step
+(compiled for the CPU, K 16384, bf16: benchmarks/train_step.py --compile_only) keeps 9.1 GiB of
+temporaries at micro-batches of 32, 17.8 at 64, 35.0 at 128 and 69.2 at 256; JAX takes 75% of a
+GPU's memory by default. Hence 8 micro-batches of 32 for a 24 GB GPU (the default);
+--config.grad_accum_steps=4 for 40-48 GB, =2 for 80 GB, each faster. The same recipe either way
 (only the random draws on the device differ). Not yet measured on a GPU.
 
 Collapse: every log line shows the teacher's entropy, its batch-mean entropy and the KL
@@ -74,7 +75,7 @@ def get_config(arg: str | None = None):
   c.epochs, c.warmup_epochs, c.out_dim = schedule_for(num_images)
 
   c.batch_size = 256  # the release's reference batch for lr: lr stays 0.0005
-  c.grad_accum_steps = 4  # micro-batches of 64 for 24 GB; 2 for 40-48 GB, 1 for 80 GB
+  c.grad_accum_steps = 8  # micro-batches of 32 for 24 GB; 4 for 40-48 GB, 2 for 80 GB
   c.local_crops_number = 10  # the paper's best ViT-S runs (the release's default: 8)
   # The teacher's EMA horizon of the release's default (0.996 at batch 1024) in images:
   # 0.996 ** (256 / 1024) = 0.999 at batch 256 (the release suggests 0.9995 there).

@@ -179,7 +179,7 @@ def test_main_job_on_train_and_val_class_folders_scores_knn(folders, tmp_path):
 
 
 def test_folder_config_trains_a_tiny_model_end_to_end(folders, tmp_path):
-  """configs/vit_small_folder.py as written (folder source, bf16, gradient accumulation over 4
+  """configs/vit_small_folder.py as written (folder source, bf16, gradient accumulation over 8
   micro-batches, host crops, draft JPEG decoding) with the model and crops shrunk: it trains,
   prints the collapse diagnostics' explanation and skips the evaluation of a flat folder."""
   flags = tiny_flags(data__workers=0, total_steps=3, log_every_steps=1,
@@ -196,7 +196,7 @@ def test_folder_config_trains_a_tiny_model_end_to_end(folders, tmp_path):
   with open(tmp_path / "config.json") as f:
     saved = json.load(f)
   assert (saved["grad_accum_steps"], saved["model"]["dtype"], saved["epochs"]) == (
-      4, "bfloat16", 800)
+      8, "bfloat16", 800)
 
 
 def test_folder_config_without_a_path_fails_before_compiling_naming_the_key(tmp_path):

@@ -189,9 +189,8 @@ def validate(config: mlc.ConfigDict) -> None:
                      f"(config.batch_size={config.batch_size})")
   if config.eval.after_training or config.eval.every_steps:
     queries = make_source(config, config.data.eval_split)
-    classes = getattr(source, "classes", None), getattr(queries, "classes", None)
-    if config.data.source == "folder" and classes[0] != classes[1]:
-      differ = sorted(set(classes[0]) ^ set(classes[1]))[:3]
+    if config.data.source == "folder" and source.classes != queries.classes:
+      differ = sorted(set(source.classes) ^ set(queries.classes))[:3]
       raise ValueError(f"{source!r} and {queries!r}: different class folders (e.g. "
                        f"{', '.join(differ)}), so k-NN would compare unrelated labels; give both "
                        "splits the same class folders or set config.eval.after_training=False "

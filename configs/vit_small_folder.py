@@ -40,10 +40,10 @@ from dino_jax import config as config_lib
 
 # images (at least) -> (epochs, warmup_epochs, out_dim). Fewer images, more epochs: a 10k-image
 # run sees 8M images (31k steps of 256), a 1M-image one 100M (the release's 100 ImageNet epochs,
-# 1.75 days on its 8 V100s). K: the release's 65536 is for ImageNet ("for complex and large
+# 1.75 days on one 8-GPU node). K: the release's 65536 is for ImageNet ("for complex and large
 # datasets large values (like 65k) work well", main_dino.py); on custom data smaller K converged
 # faster (facebookresearch/dino#279; the answer there points to iBOT's 8192), 8192 trained a ViT-S
-# on 100k samples (dino#246), and the DINOv2 authors see the gain of more prototypes saturate near
+# on 100k samples (dino#246), and a DINOv2 author sees the gain of more prototypes saturate near
 # 65k for ImageNet's 1000 classes, growing with the data's size and number of classes
 # (dinov2#149). The warm-up keeps at least ~1000 steps on the smallest sets.
 TABLE = (
@@ -69,7 +69,8 @@ def get_config(arg: str | None = None):
   c.data.source = "folder"
   c.data.path = ""  # required: --config.data.path=DIR
   # Big photos decode at a reduced DCT scale that still gives every crop its full resolution:
-  # about twice as fast (docs/notes/data.md), and one GPU's host is usually the bottleneck.
+  # about twice as fast on camera photos (docs/notes/data.md); with one GPU the host's decoding
+  # and cropping can set the pace.
   c.data.jpeg_draft = True
   c.data.workers = 8  # crop processes: as many cores as the host can spare
   c.epochs, c.warmup_epochs, c.out_dim = schedule_for(num_images)

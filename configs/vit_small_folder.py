@@ -39,13 +39,14 @@ Neither says the features are good: with a labelled val/ split, eval/knn.json do
 from dino_jax import config as config_lib
 
 # images (at least) -> (epochs, warmup_epochs, out_dim). Fewer images, more epochs: a 10k-image
-# run sees 8M images (31k steps of 256), a 1M-image one 100M (the release's 100 ImageNet epochs,
-# 1.75 days on one 8-GPU node). K: the release's 65536 is for ImageNet ("for complex and large
-# datasets large values (like 65k) work well", main_dino.py); on custom data smaller K converged
-# faster (facebookresearch/dino#279; the answer there points to iBOT's 8192), 8192 trained a ViT-S
-# on 100k samples (dino#246), and a DINOv2 author sees the gain of more prototypes saturate near
-# 65k for ImageNet's 1000 classes, growing with the data's size and number of classes
-# (dinov2#149). The warm-up keeps at least ~1000 steps on the smallest sets.
+# run sees 8M images (31k steps of 256), a 1M-image one 100M (the release's 100 ImageNet epochs
+# are 128M: 1.75 days on one 8-GPU node). K: the release's 65536 is for ImageNet ("for complex
+# and large datasets large values (like 65k) work well", main_dino.py); on custom data a smaller
+# K converged faster (facebookresearch/dino#279; the answer there points to iBOT's 8192), 8192
+# worked for a ViT-S on 100k (time-series) samples (dino#246), and a DINOv2 author sees the gain
+# of more prototypes saturate near 65k for ImageNet's 1000 classes, the need growing with the
+# data's size and number of classes (dinov2#149). The warm-up keeps at least ~1000 steps on the
+# smallest sets.
 TABLE = (
     (0, (800, 30, 4096)),
     (30_000, (400, 20, 8192)),

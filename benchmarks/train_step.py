@@ -8,6 +8,12 @@ warm-up), compile_s, flops_per_image (XLA cost analysis of the whole step), mfu 
 --peak_tflops when given), peak memory (device memory stats on GPU/TPU; process RSS on CPU) and the compiled
 step's temporary buffers (XLA memory analysis: activations kept for the backward pass and scratch).
 
+With --compile_only, each variant is compiled and not run: one JSON line each with its
+temporaries, e.g. the memory of the one-GPU folder config on a machine without one:
+
+  python benchmarks/train_step.py --config configs/vit_small_folder.py --compile_only \
+      --ab 'grad_accum_steps=2' --ab 'grad_accum_steps=1'
+
 With --ab, each --ab override set is a variant timed against the config in the same process, the
 variants' steps called in turn (a machine whose speed drifts then drifts alike for each):
 
@@ -51,6 +57,9 @@ _AB = flags.DEFINE_multi_string(
     "ab", [], "Another variant to time against the config, in the same process: overrides as "
     "'KEY=VALUE KEY=VALUE' (e.g. --ab 'model.attention=matmul'). Repeatable. The variants' steps "
     "are called in turn, so that this VM's drift in speed falls alike on each.")
+_COMPILE_ONLY = flags.DEFINE_bool(
+    "compile_only", False, "Compile the config (and each --ab variant) and print the temporaries "
+    "XLA assigns its step, running no step: memory of configs too big to run here.")
 _PROFILE = flags.DEFINE_string("profile_dir", "", "Also trace 3 steps with jax.profiler into this "
                                "folder (TensorBoard / Perfetto) and print the ops taking most time.")
 
@@ -131,8 +140,16 @@ def main(argv):
   runs, xla = {}, {}
   for name, config in variants.items():
     runs[name], xla[name] = compile_step(config, options[name])
+    if _COMPILE_ONLY.value:
+      print(json.dumps({"variant": name, "batch_size": config.batch_size,
+                        "grad_accum_steps": config.grad_accum_steps, "out_dim": config.out_dim,
+                        "temp_memory_gb": xla[name]["temp_bytes"] / 2**30,
+                        "compile_s": xla[name]["compile_s"]}), flush=True)
+      continue
     for _ in range(2):  # warm-up; one step at a time, as the trainer runs them on CPU
       jax.block_until_ready(runs[name]())
+  if _COMPILE_ONLY.value:
+    return
   times = time_interleaved(runs, _STEPS.value)
   first = next(iter(variants))
   if _PROFILE.value:

@@ -83,5 +83,8 @@ def get_config(arg: str | None = None):
   c.eval.after_training = True
   c.eval.compare_random_init = True
   c.eval.batch_size = 200
+  # Evaluation images of a folder (data.source=folder): shorter side to 37 = 32 x 256 / 224, the
+  # release's 256 / 224 ratio, then the centre 32 px (shapes images are used as generated).
+  c.data.eval_resize = 37
   c.eval.linear_epochs = 10  # eval_linear on this data (release: 100 epochs of ImageNet)
   return c

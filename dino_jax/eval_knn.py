@@ -57,7 +57,7 @@ def main(argv) -> None:
   try:
     results, speed = scores.evaluate(config, backbone, {f.which: params}, ks=ks,
                                      temperature=temperature, with_attention=False)
-  except ValueError as e:
+  except (ValueError, FileNotFoundError) as e:  # e.g. a folder without the eval split
     sys.exit(f"eval_knn: {e}")
   if "knn" not in results[f.which]:
     sys.exit(f"eval_knn: the data of {f.workdir} has no labels")

@@ -22,6 +22,7 @@ from ml_collections import config_flags
 from dino_jax import checkpoint
 from dino_jax import cli
 from dino_jax import config as config_lib
+from dino_jax import diagnostics
 from dino_jax import host_memory
 from dino_jax import losses
 from dino_jax import metrics as metrics_lib
@@ -192,20 +193,6 @@ class _Preemption:
     return self.requested
 
 
-def _collapse_warning(metrics: dict[str, float], out_dim: int) -> str | None:
-  ln_k = math.log(out_dim)
-  if metrics["entropy"] > 0.95 * ln_k:
-    return (f"teacher entropy {metrics['entropy']:.2f} is within 5% of ln K = {ln_k:.2f}: uniform "
-            "collapse. Usually helps: a lower teacher_temp, BN in the head (model.use_bn_in_head), "
-            "a smaller out_dim")
-  if metrics["batch_entropy"] < 0.05 * ln_k:
-    return (f"entropy of the batch-mean teacher distribution {metrics['batch_entropy']:.2f} is "
-            "near 0: one-hot collapse (every image gets the same prototype). Usually helps: a "
-            "higher center_momentum weight on new batches (lower center_momentum), a higher "
-            "teacher_temp, a larger out_dim")
-  return None
-
-
 def _format_duration(seconds: float) -> str:
   seconds = int(seconds)
   return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else (
@@ -216,6 +203,7 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
   """Trains DINO as configured, checkpointing into workdir; resumes from workdir's checkpoints."""
   # -- Checks, before anything compiles. -------------------------------------------------------
   config_lib.validate(config, jax.device_count())
+  pipeline.resolve(config)  # what the data cannot give is turned off, with a logged line each
   pipeline.validate(config)
   paths.check(workdir)  # on every process: a missing client stops them all
   cli.quiet_library_logs()
@@ -242,6 +230,7 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
   n_head = sum(x.size for x in jax.tree.leaves(abstract.params["head"]))
   logging.info("student: backbone %.2fM params, head %.2fM; %d steps (%d per epoch, %d images)",
                n_params / 1e6, n_head / 1e6, total_steps, steps_per_epoch, num_images)
+  logging.info(diagnostics.explain(config.out_dim))
 
   # -- Restore, or initialise directly sharded. --------------------------------------------------
   mngr = checkpoint.manager(workdir, config.keep_checkpoints)
@@ -331,9 +320,10 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
               "| lr %.2e wd %.3f m %.4f tt %.3f | %.0f img/s ETA %s", step, total_steps,
               row["epoch"], m["loss"], m["entropy"], m["batch_entropy"], m["kl"], m["lr"], m["wd"],
               m["momentum"], m["teacher_temp"], ips, _format_duration(eta))
-          warning = _collapse_warning(m, config.out_dim) if step >= steps_per_epoch else None
+          warning = (diagnostics.collapse_warning(m, config.out_dim)
+                     if step >= steps_per_epoch else None)
           collapse_streak = collapse_streak + 1 if warning else 0
-          if collapse_streak >= 3:
+          if collapse_streak >= diagnostics.STREAK:
             logging.warning("COLLAPSE: %s", warning)
         if config.eval.every_steps and step % config.eval.every_steps == 0:
           t_eval = time.time()
@@ -382,6 +372,7 @@ def main(argv) -> None:
   cli.initialize_distributed()
   try:  # bad config values and data paths: one clear line, before anything compiles
     config_lib.validate(f.config, jax.device_count())
+    pipeline.resolve(f.config)
     pipeline.validate(f.config)
     paths.check(f.workdir)
   except (ValueError, FileNotFoundError) as e:

@@ -31,7 +31,7 @@ import grain
 import jax
 import ml_collections as mlc
 import numpy as np
-from absl import flags
+from absl import flags, logging
 
 from dino_jax.data import augment
 from dino_jax.data.sources import make_source
@@ -131,20 +131,70 @@ def num_examples(config: mlc.ConfigDict, split: str) -> int:
   return len(make_source(config, split))
 
 
+def resolve(config: mlc.ConfigDict) -> None:
+  """Turns off, in place, what config asks for and its data cannot give, one logged line each:
+
+  - aug.crops_on_device for every source but `shapes` (a folder's or TFDS's images may differ in
+    size, and a batch cropped on the device needs one size): the crops are made on the host;
+  - the trainer's evaluations (eval.after_training, eval.every_steps) for a folder without a
+    labelled eval split (no data.path/<eval_split>, or no class folders in it or in the training
+    split): k-NN needs labels on both sides, and a folder has no object masks.
+
+  Run before validate; calling it again changes nothing. Raises as make_source for a missing
+  or empty folder.
+  """
+  if config.aug.crops_on_device and config.data.source != "shapes":
+    logging.info("config.aug.crops_on_device=True asks for images of one size, which "
+                 "data.source=%r does not promise: the crops are made on the host (PIL) instead",
+                 config.data.source)
+    config.aug.crops_on_device = False
+  e = config.eval
+  why = _no_labelled_eval_split(config) if e.after_training or e.every_steps else None
+  if why:
+    logging.warning("%s: no k-NN evaluation during or after training (eval.after_training and "
+                    "eval.every_steps turned off). For attention maps of your images: python -m "
+                    "dino_jax.visualize_attention --workdir WORKDIR --image IMAGE --output DIR",
+                    why)
+    e.after_training, e.every_steps = False, 0
+
+
+def _no_labelled_eval_split(config: mlc.ConfigDict) -> str | None:
+  """Why a folder source has no split to score k-NN on, or None (other sources: None)."""
+  d = config.data
+  if d.source != "folder":
+    return None
+  bank = make_source(config, d.train_split)  # a missing data.path raises here, not below
+  try:
+    queries = make_source(config, d.eval_split)
+  except FileNotFoundError as err:
+    return str(err)
+  unlabelled = [s for s in (bank, queries) if not s.has_labels]
+  if unlabelled:
+    return "no class folders in " + " nor in ".join(f"{s!r}" for s in unlabelled)
+  return None
+
+
 def validate(config: mlc.ConfigDict) -> None:
-  """Raises, naming the path / name / count, for data that training (and the evaluations it is
-  configured to run) cannot use: unknown source, missing or empty folder, unprepared TFDS
-  dataset, crops on the device for images of many sizes, fewer training images than one global
-  batch."""
+  """Raises, naming the path / name / count / key, for data that training (and the evaluations it
+  is configured to run) cannot use: unknown source, missing or empty folder, unprepared TFDS
+  dataset, crops on the device for images of many sizes (see resolve), fewer training images
+  than one global batch, training and eval folders with different class folders."""
   source = make_source(config, config.data.train_split)
   if config.aug.crops_on_device and config.data.source != "shapes":
     raise ValueError(f"config.aug.crops_on_device=True needs images of one size (data.source "
-                     f"'shapes'), not data.source={config.data.source!r}")
+                     f"'shapes'), not data.source={config.data.source!r}: set "
+                     "config.aug.crops_on_device=False")
   if len(source) < config.batch_size:
     raise ValueError(f"{source!r}: {len(source)} training images, fewer than one global batch "
                      f"(config.batch_size={config.batch_size})")
-  if config.eval.after_training:
-    make_source(config, config.data.eval_split)
+  if config.eval.after_training or config.eval.every_steps:
+    queries = make_source(config, config.data.eval_split)
+    if config.data.source == "folder" and source.classes != queries.classes:
+      differ = sorted(set(source.classes) ^ set(queries.classes))[:3]
+      raise ValueError(f"{source!r} and {queries!r}: different class folders (e.g. "
+                       f"{', '.join(differ)}), so k-NN would compare unrelated labels; give both "
+                       "splits the same class folders or set config.eval.after_training=False "
+                       "and config.eval.every_steps=0")
 
 
 def _train_min_side(config: mlc.ConfigDict) -> int:

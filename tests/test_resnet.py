@@ -1,0 +1,109 @@
+"""ResNet-50 against torchvision's resnet50 on the same weights: features, gradients and BatchNorm
+running statistics, in train and eval mode; the key table both ways."""
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dino_jax.convert import flax_to_torch, torch_to_flax
+from dino_jax.models import build_resnet, merge_stats
+from helpers import assert_trees_close
+
+torch = pytest.importorskip("torch")
+torchvision = pytest.importorskip("torchvision")
+
+
+@pytest.fixture(scope="module")
+def torch_resnet():
+  """torchvision's resnet50 (fc = Identity, as the release) with BN params and running stats
+  away from their init, so that every one of them matters."""
+  torch.manual_seed(0)
+  net = torchvision.models.resnet50()
+  net.fc = torch.nn.Identity()
+  with torch.no_grad():
+    for m in net.modules():
+      if isinstance(m, torch.nn.BatchNorm2d):
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.uniform_(-0.2, 0.2)
+        m.running_mean.uniform_(-0.2, 0.2)
+        m.running_var.uniform_(0.5, 2.0)
+  return net
+
+
+def _images(seed=0, b=2, size=64):
+  return np.random.default_rng(seed).standard_normal((b, 3, size, size)).astype(np.float32)
+
+
+def _weights(net):
+  return torch_to_flax(net.state_dict(), with_batch_stats=True)
+
+
+def test_key_table_is_torchvisions(torch_resnet):
+  """Our init's tree maps to exactly torchvision's state_dict keys and shapes (fc left out)."""
+  model = build_resnet("resnet50")
+  v = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))
+  zeros = lambda t: jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), t)
+  sd = flax_to_torch(zeros(v["params"]), zeros(v["batch_stats"]))
+  want = {k: tuple(t.shape) for k, t in torch_resnet.state_dict().items()}
+  assert list(sd) == list(want)
+  assert {k: tuple(x.shape) for k, x in sd.items()} == want
+
+
+def test_eval_mode_features(torch_resnet):
+  """eval(): running statistics; also the stats_in_params clone evaluations use."""
+  params, stats = _weights(torch_resnet)
+  x = _images()
+  torch_resnet.eval()
+  with torch.no_grad():
+    want = torch_resnet(torch.from_numpy(x)).numpy()
+  model = build_resnet("resnet50")
+  got = jax.jit(model.apply)({"params": params, "batch_stats": stats}, x.transpose(0, 2, 3, 1))
+  assert got.shape == (2, 2048)
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+  frozen = model.clone(stats_in_params=True)
+  got_frozen = jax.jit(frozen.apply)({"params": merge_stats(params, stats)},
+                                     x.transpose(0, 2, 3, 1))
+  np.testing.assert_array_equal(got_frozen, got)
+
+
+def _torch_train_step(net, x, w, dtype):
+  """A train-mode forward and backward of sum(features * w) on a copy of net in dtype:
+  (features, {name: grad}, state_dict after the forward), float64 numpy."""
+  net = copy.deepcopy(net).to(dtype).train()
+  feats = net(torch.from_numpy(x).to(dtype))
+  (feats * torch.from_numpy(w).to(dtype)).sum().backward()
+  f64 = lambda t: t.detach().double().numpy()
+  return (f64(feats), {k: f64(p.grad) for k, p in net.named_parameters()},
+          {k: f64(t) for k, t in net.state_dict().items()})
+
+
+def test_train_mode_features_gradients_and_running_stats(torch_resnet):
+  """train(): batch statistics, the running ones updated as torch's (unbiased variance,
+  momentum 0.1), and the gradient of every parameter.
+
+  Train-mode BatchNorm over a few values per channel (4 images x 2 x 2 in the last stage) makes
+  the gradient ill-conditioned: torch's own float32 gradients are up to ~2 % from its float64
+  ones. So each gradient is held to float64 torch, as close as torch's float32 gets (x 3).
+  """
+  params, stats = _weights(torch_resnet)
+  x = _images(1, b=4)
+  w = np.random.default_rng(2).standard_normal((4, 2048)).astype(np.float32)
+  want, want_grads, want_sd = _torch_train_step(torch_resnet, x, w, torch.float64)
+  _, torch32_grads, _ = _torch_train_step(torch_resnet, x, w, torch.float32)
+  model = build_resnet("resnet50")
+
+  def loss(p):
+    f, new = model.apply({"params": p, "batch_stats": stats}, x.transpose(0, 2, 3, 1),
+                         deterministic=False, mutable=["batch_stats"])
+    return jnp.sum(f * w), (f, new["batch_stats"])
+
+  grads, (got, new_stats) = jax.jit(jax.grad(loss, has_aux=True))(params)
+  assert_trees_close(got, want, 3e-4, what="features")
+  got_grads = flax_to_torch(grads, new_stats)
+  rel = lambda a, b: np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b)
+  for k, g in want_grads.items():
+    assert rel(got_grads[k], g) <= max(3 * rel(torch32_grads[k], g), 1e-4), k
+  got_stats = {k: v for k, v in flax_to_torch(params, new_stats).items() if "running" in k}
+  assert_trees_close(got_stats, {k: want_sd[k] for k in got_stats}, 1e-4, what="running stats")

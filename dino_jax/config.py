@@ -51,7 +51,7 @@ def base_config() -> mlc.ConfigDict:
   c.momentum_teacher_end = 1.0  # the release: 1 (the teacher freezes at the end)
 
   # Optimisation.
-  c.optimizer = "adamw"
+  c.optimizer = "adamw"  # adamw | sgd | lars (the release's convnet optimizers, dino_jax.optim)
   c.lr = 0.0005  # for a global batch of 256, scaled linearly
   c.min_lr = 1e-6
   c.warmup_epochs = 10.0
@@ -243,6 +243,8 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None) -> None:
     if config.batch_size % shards:
       fail("batch_size", f"not divisible by the {data * fsdp} batch shards"
            + (f" x {config.grad_accum_steps} micro-batches" if config.grad_accum_steps > 1 else ""))
+  if config.optimizer not in ("adamw", "sgd", "lars"):
+    fail("optimizer", "expected adamw, sgd or lars")
   if config.data.source not in ("shapes", "folder", "tfds"):
     close = difflib.get_close_matches(config.data.source, ["shapes", "folder", "tfds"], 1)
     fail("data.source", "expected shapes, folder or tfds"

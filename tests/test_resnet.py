@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dino_jax.convert import flax_to_torch, torch_to_flax
+from dino_jax.convert import exporting, flax_to_torch, importing, torch_to_flax
+from dino_jax.evaluate import features
 from dino_jax.models import build_resnet, merge_stats
 from helpers import assert_trees_close
 
@@ -107,3 +108,50 @@ def test_train_mode_features_gradients_and_running_stats(torch_resnet):
     assert rel(got_grads[k], g) <= max(3 * rel(torch32_grads[k], g), 1e-4), k
   got_stats = {k: v for k, v in flax_to_torch(params, new_stats).items() if "running" in k}
   assert_trees_close(got_stats, {k: want_sd[k] for k in got_stats}, 1e-4, what="running stats")
+
+
+def test_weights_both_ways_with_torchvision(torch_resnet, tmp_path):
+  """A torchvision state_dict (the release's backbone file) -> import_torch's workdir -> its
+  export loads strictly into torchvision's resnet50 (fc = Identity): the same tensors, the same
+  features; and the workdir's evaluation backbone gives those features too."""
+  sd = {k: v.clone() for k, v in torch_resnet.state_dict().items()}
+  torch.save(sd, tmp_path / "rn50.pth")
+  wd = str(tmp_path / "wd")
+  importing.import_weights(str(tmp_path / "rn50.pth"), wd, arch="resnet50")
+  exporting.export(wd, str(tmp_path / "back.pth"), fmt="pth")
+  back = torch.load(tmp_path / "back.pth", weights_only=True)
+  net = torchvision.models.resnet50()
+  net.fc = torch.nn.Identity()
+  net.load_state_dict(back, strict=True)
+  for k, v in sd.items():
+    if not k.endswith("num_batches_tracked"):
+      np.testing.assert_array_equal(back[k].numpy(), v.numpy(), err_msg=k)
+  x = _images(3)
+  net.eval()
+  torch_resnet.eval()
+  with torch.no_grad():
+    np.testing.assert_array_equal(net(torch.from_numpy(x)).numpy(),
+                                  torch_resnet(torch.from_numpy(x)).numpy())
+    want = torch_resnet(torch.from_numpy(x)).numpy()
+  config, backbone, params, _ = features.load_backbone(wd)
+  assert config.model.arch == "resnet50"
+  got = jax.jit(backbone.apply)({"params": params}, x.transpose(0, 2, 3, 1))
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_import_names_missing_and_unexpected_keys(torch_resnet, tmp_path):
+  sd = dict(torch_resnet.state_dict())
+  del sd["layer3.2.bn2.running_var"]
+  sd["fc.weight"] = torch.zeros(1000, 2048)
+  with pytest.raises(ValueError) as e:
+    torch_to_flax(sd, with_batch_stats=True)
+  assert "fc.weight: unknown key" in str(e.value)
+  del sd["fc.weight"]
+  with pytest.raises(ValueError) as e:
+    torch_to_flax(sd, with_batch_stats=True)
+  assert "layer3.2.bn2.running_var: missing, the model expects shape (256,)" in str(e.value)
+  sd = dict(torch_resnet.state_dict())
+  sd["layer2.0.conv2.weight"] = torch.zeros(128, 128, 1, 1)
+  with pytest.raises(ValueError, match=r"layer2.0.conv2.weight: shape \(128, 128, 1, 1\) in the "
+                     r"state_dict, the model expects \(128, 128, 3, 3\)"):
+    torch_to_flax(sd, with_batch_stats=True)

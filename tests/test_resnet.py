@@ -155,3 +155,21 @@ def test_import_names_missing_and_unexpected_keys(torch_resnet, tmp_path):
   with pytest.raises(ValueError, match=r"layer2.0.conv2.weight: shape \(128, 128, 1, 1\) in the "
                      r"state_dict, the model expects \(128, 128, 3, 3\)"):
     torch_to_flax(sd, with_batch_stats=True)
+
+
+def test_batch_statistics_are_the_global_batchs_under_sharding(torch_resnet):
+  """A batch split over 8 devices normalises with the statistics of the whole batch (the
+  release's SyncBatchNorm): features and running statistics as on one device."""
+  params, stats = _weights(torch_resnet)
+  x = _images(4, b=8, size=32).transpose(0, 2, 3, 1)
+  model = build_resnet("resnet50")
+  fwd = lambda p, s, x: model.apply({"params": p, "batch_stats": s}, x, deterministic=False,
+                                    mutable=["batch_stats"])
+  one = jax.jit(fwd)(params, stats, x)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  sharded = jax.jit(fwd, in_shardings=(repl, repl, rows))(params, stats, jax.device_put(x, rows))
+  # Summation order only (ill-conditioned as in the test above); per-device statistics of one
+  # image (a single value per channel in the last stage) would differ by O(1).
+  assert_trees_close(sharded, one, 1e-3, what="8 devices vs 1")

@@ -2,7 +2,7 @@
 trained end to end by `python -m dino_jax.train` at a tiny resolution: checkpoints hold the
 student's and teacher's BatchNorm statistics, a run resumed from a checkpoint ends bit for bit
 where the uninterrupted run does, and the closing evaluation scores k-NN and says attention
-maps do not apply.
+maps do not apply; the linear probe runs on it.
 
 One CPU device and a persistent compilation cache: the resumed run reuses the first run's
 compiled step (a ResNet-50 step takes most of a minute to compile on two cores)."""
@@ -28,23 +28,23 @@ TINY = [f"--config.{k}={v}" for k, v in {
     "eval.batch_size": 8, "eval.nb_knn": (2, 4)}.items()]
 
 
-def _train(workdir, cache, *extra):
+def _run(module, workdir, cache, *args):
   env = {**runs.env(1), "JAX_COMPILATION_CACHE_DIR": str(cache),
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-  proc = subprocess.run([sys.executable, "-m", "dino_jax.train", "--config", CONFIG,
-                         "--workdir", str(workdir), *TINY, *extra], env=env, cwd=runs.REPO,
-                        capture_output=True, text=True, timeout=900)
+  proc = subprocess.run([sys.executable, "-m", f"dino_jax.{module}", "--workdir", str(workdir),
+                         *args], env=env, cwd=runs.REPO, capture_output=True, text=True,
+                        timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return proc.stderr
 
 
 def test_resnet_config_trains_checkpoints_bn_statistics_and_resumes_exactly(tmp_path):
   ref, resumed, cache = tmp_path / "ref", tmp_path / "resumed", tmp_path / "cache"
-  log = _train(ref, cache, "--config.eval.after_training=True")
+  log = _run("train", ref, cache, "--config", CONFIG, *TINY, "--config.eval.after_training=True")
   # The uninterrupted run, cut back to its step-2 checkpoint: the rerun resumes from there.
   shutil.copytree(ref, resumed, ignore=shutil.ignore_patterns("eval"))
   shutil.rmtree(resumed / "checkpoints" / "4")
-  _train(resumed, cache)
+  _run("train", resumed, cache, "--config", CONFIG, *TINY)
 
   step, state = runs.final_state(ref)
   assert step == 4
@@ -60,3 +60,9 @@ def test_resnet_config_trains_checkpoints_bn_statistics_and_resumes_exactly(tmp_
     assert set(json.load(f)["top1"]) == {"2", "4"}
   assert not (ref / "eval" / "attention.json").exists()
   assert "attention maps do not apply to a resnet50" in log
+
+  # The linear probe on the pooled 2048-d feature, as the release's eval_linear for convnets.
+  _run("eval_linear", ref, cache, "--epochs=1", "--batch_size=8")
+  with open(ref / "eval" / "linear.json") as f:
+    probe = json.load(f)
+  assert probe["step"] == 4 and 0 <= probe["top1"] <= 100

@@ -225,7 +225,8 @@ def main(argv):
   result = {
       "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
       "devices": 1, "framework": f"torch {torch.__version__}", "threads": torch.get_num_threads(),
-      "arch": m.arch, "optimizer": config.optimizer, "patch_size": m.patch_size, "dtype": "float16 autocast" if amp else "float32",
+      "arch": m.arch, "optimizer": config.optimizer, "patch_size": m.patch_size,
+      "dtype": "float16 autocast" if amp else "float32",
       "compiled": _COMPILE.value, "batch_size": b, "crops": f"2x{g}+{n_local}x{l}",
       "out_dim": config.out_dim, "step_ms": 1e3 * step_s, "step_ms_min": 1e3 * min_s,
       "images_per_sec": b / step_s, "compile_s": first_s, "flops_per_image": flops / b,

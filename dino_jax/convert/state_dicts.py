@@ -247,7 +247,8 @@ def _kind_of(keys: list[str]) -> str:
     return "head"
   more = " ..." if len(keys) > 8 else ""
   raise ValueError(f"neither a ViT backbone (cls_token, pos_embed, blocks.*), a torchvision "
-                   f"ResNet (conv1.weight, layer1.*) nor a DINO head (mlp.*, last_layer.*): keys {sorted(keys)[:8]}{more}")
+                   f"ResNet (conv1.weight, layer1.*) nor a DINO head (mlp.*, last_layer.*): "
+                   f"keys {sorted(keys)[:8]}{more}")
 
 
 def _inferred_shapes(sd: Mapping[str, np.ndarray], spec: list[Entry], kind: str

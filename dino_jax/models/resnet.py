@@ -92,9 +92,9 @@ class ResNet(nn.Module):
       width = 64 * 2 ** i
       for j in range(blocks):
         stride = 2 if i > 0 and j == 0 else 1
-        x = Bottleneck(width, stride, downsample=j == 0 and (stride != 1 or in_ch != width * 4),
-                       dtype=self.dtype, stats_in_params=self.stats_in_params,
-                       name=f"layer{i + 1}_{j}")(x, train)
+        down = j == 0 and (stride != 1 or in_ch != width * EXPANSION)
+        x = Bottleneck(width, stride, downsample=down, dtype=self.dtype,
+                       stats_in_params=self.stats_in_params, name=f"layer{i + 1}_{j}")(x, train)
         in_ch = width * EXPANSION
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 

@@ -2,12 +2,16 @@
 
   python benchmarks/torch_step.py --config configs/vit_small_imagenet.py \
       --config.batch_size=16 --config.model.arch=vit_tiny --steps 16 [--compile] [--threads 1]
+  python benchmarks/torch_step.py --config configs/resnet50_imagenet.py --config.batch_size=8 \
+      --config.global_crops_size=64 --config.local_crops_size=32 --config.model.dtype=float32
 
 Written from the reference (../shared/dino-reference.md), as the release's train_one_epoch does it:
-timm's VisionTransformer (pre-norm, exact GELU, fused SDPA attention) as student and teacher, a
+timm's VisionTransformer (pre-norm, exact GELU, fused SDPA attention) or torchvision's resnet50
+(fc = Identity; plain BatchNorm, which is SyncBatchNorm on one process) as student and teacher, a
 DINOHead (3-layer MLP, optional BatchNorm, L2 norm, weight-normalised last layer), the backbone run
 once per crop resolution and the head once; the DINO loss with its centre; per-tensor gradient
-clipping; AdamW with the decay / no-decay parameter groups; EMA teacher. On GPU, the release's fp16
+clipping; AdamW (or SGD with momentum 0.9: config.optimizer) with the decay / no-decay parameter
+groups; EMA teacher. On GPU, the release's fp16
 autocast with a dynamic loss scaler (`--amp`, on by default there). Crops are random normalised
 float tensors already on the device (the release normalises in its data loader), so this is the
 step alone: compare with `train_step.py --noaugment`.
@@ -35,6 +39,7 @@ from ml_collections import config_flags
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+from torchvision.models import resnet50
 
 from dino_jax.models.vit import SIZES
 
@@ -58,6 +63,11 @@ def timm_vit(sizes: dict, patch_size: int, img_size: int, drop_path_rate: float)
 
 def make_backbone(config, drop_path_rate: float) -> nn.Module:
   m = config.model
+  if m.arch == "resnet50":  # the release: torchvision's, its fc replaced by the identity
+    net = resnet50()
+    net.embed_dim = net.fc.weight.shape[1]
+    net.fc = nn.Identity()
+    return net
   sizes = dict(SIZES.get(m.arch, {}))
   sizes.update({k: m[k] for k in ("embed_dim", "depth", "num_heads") if m[k] > 0})
   return timm_vit(sizes, m.patch_size, config.global_crops_size, drop_path_rate)
@@ -141,8 +151,14 @@ def main(argv):
   decay = [p for n, p in named if not (n.endswith(".bias") or p.ndim == 1)]
   no_decay = [p for n, p in named if n.endswith(".bias") or p.ndim == 1]
   lr = config.lr * config.batch_size / 256
-  opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                           {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+  groups = [{"params": decay, "weight_decay": config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+  if config.optimizer == "adamw":
+    opt = torch.optim.AdamW(groups, lr=lr)
+  elif config.optimizer == "sgd":
+    opt = torch.optim.SGD(groups, lr=lr, momentum=0.9)
+  else:
+    raise ValueError(f"config.optimizer={config.optimizer!r}: this benchmark runs adamw or sgd")
   scaler = torch.amp.GradScaler("cuda", enabled=amp)
   params_s = [p for _, p in named]
   pairs = [(ps, pt) for ps, pt in zip(student.parameters(), teacher.parameters())]
@@ -209,7 +225,8 @@ def main(argv):
   result = {
       "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
       "devices": 1, "framework": f"torch {torch.__version__}", "threads": torch.get_num_threads(),
-      "arch": m.arch, "patch_size": m.patch_size, "dtype": "float16 autocast" if amp else "float32",
+      "arch": m.arch, "optimizer": config.optimizer, "patch_size": m.patch_size,
+      "dtype": "float16 autocast" if amp else "float32",
       "compiled": _COMPILE.value, "batch_size": b, "crops": f"2x{g}+{n_local}x{l}",
       "out_dim": config.out_dim, "step_ms": 1e3 * step_s, "step_ms_min": 1e3 * min_s,
       "images_per_sec": b / step_s, "compile_s": first_s, "flops_per_image": flops / b,

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import ml_collections as mlc
 
+from dino_jax.models.resnet import STAGES
 from dino_jax.models.vit import ATTENTION_IMPLS, SIZES
 
 
@@ -50,7 +51,7 @@ def base_config() -> mlc.ConfigDict:
   c.momentum_teacher_end = 1.0  # the release: 1 (the teacher freezes at the end)
 
   # Optimisation.
-  c.optimizer = "adamw"
+  c.optimizer = "adamw"  # adamw | sgd | lars (the release's convnet optimizers, dino_jax.optim)
   c.lr = 0.0005  # for a global batch of 256, scaled linearly
   c.min_lr = 1e-6
   c.warmup_epochs = 10.0
@@ -61,8 +62,8 @@ def base_config() -> mlc.ConfigDict:
   c.grad_accum_steps = 1
 
   c.model = mlc.ConfigDict()
-  c.model.arch = "vit_small"  # vit_tiny | vit_small | vit_base | vit_large | vit_custom
-  c.model.patch_size = 16
+  c.model.arch = "vit_small"  # vit_tiny | vit_small | vit_base | vit_large | vit_custom | resnet50
+  c.model.patch_size = 16  # ViTs only
   c.model.embed_dim = 0  # 0: the arch's size; set all three for vit_custom
   c.model.depth = 0
   c.model.num_heads = 0
@@ -201,14 +202,15 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None) -> None:
   if config.epochs == 0 and config.total_steps == 0:
     fail("total_steps", "set epochs or total_steps")
   arch = config.model.arch
-  if arch not in SIZES and arch != "vit_custom":
-    close = difflib.get_close_matches(arch, list(SIZES) + ["vit_custom"], 1)
-    fail("model.arch", f"unknown architecture; expected one of {sorted(SIZES)} or vit_custom"
+  archs = sorted(SIZES) + ["vit_custom"] + sorted(STAGES)
+  if arch not in archs:
+    close = difflib.get_close_matches(arch, archs, 1)
+    fail("model.arch", f"unknown architecture; expected one of {archs}"
          + (f" (did you mean {close[0]!r}?)" if close else ""))
   if arch == "vit_custom" and not all(config.model[k] > 0 for k in ("embed_dim", "depth",
                                                                      "num_heads")):
     fail("model.arch", "vit_custom needs model.embed_dim, model.depth and model.num_heads")
-  p = config.model.patch_size
+  p = 1 if arch in STAGES else config.model.patch_size  # a ResNet takes any size
   for key in ("global_crops_size", "local_crops_size", "model.img_size"):
     if config_value(config, key) % p:
       fail(key, f"not a multiple of model.patch_size={p}")
@@ -241,6 +243,8 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None) -> None:
     if config.batch_size % shards:
       fail("batch_size", f"not divisible by the {data * fsdp} batch shards"
            + (f" x {config.grad_accum_steps} micro-batches" if config.grad_accum_steps > 1 else ""))
+  if config.optimizer not in ("adamw", "sgd", "lars"):
+    fail("optimizer", "expected adamw, sgd or lars")
   if config.data.source not in ("shapes", "folder", "tfds"):
     close = difflib.get_close_matches(config.data.source, ["shapes", "folder", "tfds"], 1)
     fail("data.source", "expected shapes, folder or tfds"

@@ -82,6 +82,7 @@ def main(argv) -> None:
     sys.exit(f"eval_copy_detection: unexpected arguments {argv[1:]}")
   try:
     config, backbone, params, step = features.load_backbone(f.workdir, f.which)
+    features.require_vit(backbone, "copy detection (GeM of patch tokens)")
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"eval_copy_detection: {e}")
   embedded = not f.data_path

@@ -65,6 +65,7 @@ def main(argv) -> None:
              f"`--multiscale 1` is --multiscale here)")
   try:
     config, backbone, params, step = features.load_backbone(f.workdir, f.which)
+    features.require_vit(backbone, "image retrieval (patch-aligned multi-scale crops)")
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"eval_image_retrieval: {e}")
   if f.batch_size:

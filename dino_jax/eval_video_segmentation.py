@@ -87,6 +87,7 @@ def main(argv) -> None:
   name = "video_segmentation" + ("" if f.which == "teacher" else "_student")
   try:
     config, backbone, params, step = features.load_backbone(f.workdir, f.which)
+    features.require_vit(backbone, "video segmentation (patch-token propagation)")
     if f.output is not None:
       paths.check(f.output)
   except (ValueError, FileNotFoundError) as e:

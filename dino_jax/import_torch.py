@@ -3,7 +3,8 @@
   python -m dino_jax.import_torch --weights FILE --arch vit_small --patch_size 16 --output DIR \\
       [--config configs/vit_small_imagenet.py] [--nowith_optimizer]
 
---weights: a backbone state_dict (release or timm names; the release's "pretrain" files), a
+--weights: a backbone state_dict (release or timm names; the release's "pretrain" files; a
+torchvision ResNet-50's, fc removed, for --arch resnet50), a
 MultiCropWrapper state_dict ('backbone.*' / 'head.*'), the release's full training checkpoint
 ('student', 'teacher', 'optimizer', 'dino_loss', 'args', ...), a .safetensors file, or a
 directory holding a transformers.ViTModel (config.json + model.safetensors or
@@ -46,8 +47,8 @@ from dino_jax.convert import importing
 def _define_flags() -> None:
   flags.DEFINE_string("weights", None, "A .pth / .safetensors file or a transformers directory.")
   flags.DEFINE_string("output", None, "The workdir to write (must hold no checkpoints yet).")
-  flags.DEFINE_string("arch", None, "vit_tiny | vit_small | vit_base | vit_large | vit_custom; "
-                      "checked against the weights (inferred when left out).")
+  flags.DEFINE_string("arch", None, "vit_tiny | vit_small | vit_base | vit_large | vit_custom | "
+                      "resnet50; checked against the weights (inferred when left out).")
   flags.DEFINE_integer("patch_size", None, "Checked against the weights (inferred when left out).")
   flags.DEFINE_bool("with_optimizer", True, "From a full checkpoint, also import the optimizer "
                     "state and step (to continue that run).")

@@ -33,7 +33,7 @@ from dino_jax import sharding as sharding_lib
 from dino_jax import state as state_lib
 from dino_jax.data import augment as augment_lib
 from dino_jax.data import pipeline
-from dino_jax.evaluate import report
+from dino_jax.evaluate import features, report
 from dino_jax.models import build_models
 
 
@@ -252,7 +252,8 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
     state = jax.jit(init, out_shardings=state_sh)(init_rng)
     if config.eval.after_training and config.eval.compare_random_init:
       replicate = jax.jit(lambda p: p, out_shardings=repl)  # readable on every process
-      random_init = jax.device_get(replicate(state.params["backbone"]))
+      random_init = jax.device_get(replicate(
+          features.evaluation_params(state.params, state.batch_stats)))
     if config.init_from:
       state = checkpoint.init_from(state, config.init_from, state_sh)
   writer = metrics_lib.Writer(workdir, start_step)
@@ -328,8 +329,8 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
         if config.eval.every_steps and step % config.eval.every_steps == 0:
           t_eval = time.time()
           with jax.transfer_guard("allow"):  # the evaluation feeds its own batches
-            report.during_training(config, state.teacher_params["backbone"], step, mesh,
-                                   writer)
+            report.during_training(config, features.evaluation_params(
+                state.teacher_params, state.teacher_batch_stats), step, mesh, writer)
           t0 += time.time() - t_eval  # images/s and ETA count training only
         if save_now or stop:
           checkpoint.save(mngr, step, state, run_topology)

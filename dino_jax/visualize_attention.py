@@ -65,6 +65,7 @@ def split_scores(workdir: str, which: str, output: str, threshold: float) -> Non
   """The eval split's attention figures -> workdir/eval/attention[_student].json, a grid PNG."""
   try:
     config, backbone, params, step = features.load_backbone(workdir, which)
+    features.require_vit(backbone, "visualize_attention")
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"visualize_attention: {e}")
   config.eval.attention_threshold = threshold
@@ -110,6 +111,7 @@ def main(argv) -> None:
     else:
       _, backbone, params, step = features.load_backbone(f.workdir, f.which)
       source = f"{f.which} at step {step}"
+    features.require_vit(backbone, "visualize_attention")
     image = attention_maps.load_image(f.image, size, backbone.patch_size)
   except (ValueError, FileNotFoundError, OSError) as e:
     sys.exit(f"visualize_attention: {e}")

@@ -62,6 +62,36 @@ def get_params_groups(named_params):
   return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
 
 
+class LARS(torch.optim.Optimizer):
+  """utils.LARS (for convnets): no weight decay and no trust ratio on 1-D tensors; the others get
+  dp = grad + wd p, scaled by eta ||p|| / ||dp|| (1 where either norm is 0); then
+  mu = momentum mu + dp, p -= lr mu."""
+
+  def __init__(self, params, lr=0, weight_decay=0, momentum=0.9, eta=0.001):
+    super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
+
+  @torch.no_grad()
+  def step(self):
+    for g in self.param_groups:
+      for p in g["params"]:
+        dp = p.grad
+        if dp is None:
+          continue
+        if p.ndim != 1:
+          dp = dp.add(p, alpha=g["weight_decay"])
+          param_norm, update_norm = torch.norm(p), torch.norm(dp)
+          one = torch.ones_like(param_norm)
+          q = torch.where(param_norm > 0.0, torch.where(update_norm > 0, g["eta"] * param_norm
+                                                        / update_norm, one), one)
+          dp = dp.mul(q)
+        state = self.state[p]
+        if "mu" not in state:
+          state["mu"] = torch.zeros_like(p)
+        mu = state["mu"]
+        mu.mul_(g["momentum"]).add_(dp)
+        p.add_(mu, alpha=-g["lr"])
+
+
 def clip_gradients(named_params, clip):
   """utils.clip_gradients: per tensor, factor clip / (norm + 1e-6) when below 1."""
   for _, p in named_params:

@@ -1,6 +1,7 @@
-"""The optax chain against torch.optim.AdamW driven exactly as the release's training loop drives
-it: two param groups, per-iteration lr / wd, per-tensor clip_gradients, cancel_gradients_last_layer,
-weight_g with requires_grad False when norm_last_layer."""
+"""The optax chain against torch.optim.AdamW, torch.optim.SGD and the release's LARS driven exactly
+as the release's training loop drives them: two param groups, per-iteration lr / wd, per-tensor
+clip_gradients, cancel_gradients_last_layer, weight_g with requires_grad False when
+norm_last_layer."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,8 +51,17 @@ def flat_of(tree):
           for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-@pytest.mark.parametrize('norm_last_layer', [True, False])
-def test_matches_torch_adamw_as_the_release_drives_it(norm_last_layer):
+# How main_dino.py builds each optimizer from the param groups.
+TORCH_OPTIMIZERS = {
+    "adamw": lambda groups: torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8),
+    "sgd": lambda groups: torch.optim.SGD(groups, lr=0, momentum=0.9),
+    "lars": release.LARS,
+}
+
+
+@pytest.mark.parametrize('optimizer,norm_last_layer', [("adamw", True), ("adamw", False),
+                                                       ("sgd", True), ("lars", False)])
+def test_matches_torch_as_the_release_drives_it(optimizer, norm_last_layer):
   rng = np.random.default_rng(0)
   per_epoch, epochs, freeze_epochs = 3, 3, 1
   total = per_epoch * epochs
@@ -68,24 +78,29 @@ def test_matches_torch_adamw_as_the_release_drives_it(norm_last_layer):
   init = {path: rng.normal(size=shape).astype(np.float32) * 0.5
           for path, (_, shape) in LEAVES.items()}
   init[("head", "last_layer", "kernel_g")] = np.ones((1, 10), np.float32)
+  if optimizer != "adamw":  # (Adam's eps makes near-zero updates rounding noise)
+    # A tensor at zero with a zero gradient: LARS's trust ratio falls back to 1 at the first step.
+    init[("backbone", "pos_embed")] = np.zeros((1, 5, 8), np.float32)
   if not norm_last_layer:
     init[("head", "last_layer", "kernel_g")] += rng.uniform(0, 1, (1, 10)).astype(np.float32)
   # Gradients large enough that some tensors are clipped (norm > 3) and some are not.
   grads = [{path: (rng.normal(size=shape) * rng.choice([0.05, 0.3, 3.0])).astype(np.float32)
             for path, (_, shape) in LEAVES.items()} for _ in range(total)]
+  if optimizer != "adamw":
+    grads[0][("backbone", "pos_embed")][:] = 0
 
   # --- PyTorch, the release's way.
   named = [(name, torch.nn.Parameter(torch.from_numpy(to_torch_layout(init[path]).copy())))
            for path, (name, _) in LEAVES.items()]
   if norm_last_layer:
     dict(named)["head.last_layer.weight_g"].requires_grad = False
-  opt = torch.optim.AdamW(release.get_params_groups(named), betas=(0.9, 0.999), eps=1e-8)
+  opt = TORCH_OPTIMIZERS[optimizer](release.get_params_groups(named))
   paths = list(LEAVES)
 
   # --- Ours.
   tx = optim.dino_optimizer(learning_rate=lr, weight_decay=wd, clip_grad=3.0,
                             freeze_last_layer_steps=freeze_epochs * per_epoch,
-                            norm_last_layer=norm_last_layer)
+                            norm_last_layer=norm_last_layer, optimizer=optimizer)
   params = tree_from(init)
   opt_state = jax.jit(tx.init)(params)
 

@@ -29,6 +29,7 @@ from dino_jax import state as state_lib
 from dino_jax.convert import files, hf, onnx_export, optimizer
 from dino_jax.convert.state_dicts import flax_to_torch, torch_extra
 from dino_jax.models import build_models
+from dino_jax.models.resnet import STAGES
 
 FORMATS = ("pth", "safetensors", "hf", "onnx", "full")
 
@@ -112,7 +113,14 @@ def export(workdir: str, output: str, *, which: str = "teacher", with_head: bool
                      "head); export the head with --format pth or safetensors --with_head")
   paths.check(output)
   config, state, step = load_state(workdir, step)
-  shape = backbone_shape(config)
+  resnet = config.model.arch in STAGES
+  if resnet and fmt == "hf":
+    raise ValueError(f"--format hf is a transformers.ViTModel; a {config.model.arch} exports as "
+                     "pth or safetensors (torchvision's names)")
+  if fmt == "full" and config.optimizer != "adamw":
+    raise ValueError(f"--format full holds the release's AdamW state; this run's optimizer is "
+                     f"{config.optimizer!r}: export the networks with pth --with_head")
+  shape = None if resnet else backbone_shape(config)
   if fmt == "full":
     torch = torch_extra("torch")
     bn = config.model.use_bn_in_head
@@ -136,13 +144,14 @@ def export(workdir: str, output: str, *, which: str = "teacher", with_head: bool
     stats = state.teacher_batch_stats if which == "teacher" else state.batch_stats
     if with_head:
       sd = flax_to_torch(params, stats, num_batches_tracked=step)
-    else:
-      sd = flax_to_torch(params["backbone"])
+    else:  # a ResNet's BatchNorm statistics are part of its backbone
+      sd = flax_to_torch(params["backbone"], stats.get("backbone"), num_batches_tracked=step)
     if fmt == "pth":
       _torch_save(_tensors(sd), output)
     elif fmt == "safetensors":
-      meta = {"format": "pt", "arch": config.model.arch, "patch_size": str(shape["patch_size"]),
-              "num_heads": str(shape["num_heads"]), "which": which, "step": str(step)}
+      vit = {"patch_size": str(shape["patch_size"]), "num_heads": str(shape["num_heads"])
+             } if shape else {}
+      meta = {"format": "pt", "arch": config.model.arch, **vit, "which": which, "step": str(step)}
       _safetensors_save(sd, output, meta)
     elif fmt == "onnx":  # through the hf directory's ViTModel
       with tempfile.TemporaryDirectory() as hf_dir:

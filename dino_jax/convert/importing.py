@@ -30,9 +30,11 @@ from dino_jax import checkpoint
 from dino_jax import config as config_lib
 from dino_jax import paths
 from dino_jax import state as state_lib
-from dino_jax.convert import files, optimizer
+from dino_jax.convert import files, optimizer, resnet_keys
 from dino_jax.convert.state_dicts import to_numpy, torch_to_flax
+from dino_jax.evaluate import features
 from dino_jax.models import build_models
+from dino_jax.models.resnet import STAGES
 from dino_jax.models.vit import SIZES
 
 
@@ -80,6 +82,20 @@ def _backbone_config(config: mlc.ConfigDict, backbone: dict[str, np.ndarray], ar
   if m.img_size:
     logging.info("position embedding of a %dx%d grid (model.img_size %d; global crops of %d px)",
                  grid, grid, grid * p, config.global_crops_size)
+
+
+def _resnet_config(config: mlc.ConfigDict, backbone: dict[str, Any], arch: str | None,
+                   weights: str) -> None:
+  """Sets model.arch from (and checked against) a ResNet's blocks per stage."""
+  stages = resnet_keys.stages_of(backbone)
+  found = resnet_keys.arch_of(stages)
+  if found is None:
+    raise ValueError(f"{weights}: a ResNet with {stages} bottleneck blocks per stage; dino_jax "
+                     f"builds {dict(STAGES)}")
+  if arch is not None and arch != found:
+    raise ValueError(f"{weights} does not fit {arch}: it holds a {found} ({stages} blocks per "
+                     "stage)")
+  config.model.arch = found
 
 
 def _head_config(config: mlc.ConfigDict, head: dict[str, Any]) -> None:
@@ -141,7 +157,7 @@ def load_state(weights: str, *, arch: str | None = None, patch_size: int | None 
   for key, given in (("arch", arch), ("patch_size", patch_size)):
     if given is not None and key in args and args[key] != given:
       raise ValueError(f"--{key} {given} but {weights} was trained with {key} {args[key]!r}")
-  if arch is None and args.get("arch") in SIZES:
+  if arch is None and (args.get("arch") in SIZES or args.get("arch") in STAGES):
     arch = args["arch"]
 
   # First pass, shapes from the file itself: the architecture.
@@ -153,9 +169,13 @@ def load_state(weights: str, *, arch: str | None = None, patch_size: int | None 
     first = {"teacher": torch_to_flax(nets["teacher"], with_batch_stats=True)}
   some = next(iter(first.values()))[0]
   backbone = some.get("backbone", some)
-  if "cls_token" not in backbone:
-    raise ValueError(f"{weights} holds no ViT backbone (cls_token, pos_embed, blocks.*)")
-  _backbone_config(config, backbone, arch, patch_size, info.get("num_heads"), weights)
+  if "layer1_0" in backbone:
+    _resnet_config(config, backbone, arch, weights)
+  elif "cls_token" in backbone:
+    _backbone_config(config, backbone, arch, patch_size, info.get("num_heads"), weights)
+  else:
+    raise ValueError(f"{weights} holds no ViT backbone (cls_token, pos_embed, blocks.*) nor "
+                     "torchvision ResNet (conv1.weight, layer1.*)")
   if "head" in some:
     _head_config(config, some["head"])
     if "norm_last_layer" not in args:  # g frozen at 1 <=> norm_last_layer (the release's default)
@@ -172,8 +192,8 @@ def load_state(weights: str, *, arch: str | None = None, patch_size: int | None 
     params, stats = _convert(sd, target, f"{weights} ({name})" if full else weights)
     if not wrapper:  # a fresh head, the same for both networks
       head, head_stats = _fresh_head(config_lib.to_json(config))
-      params, stats = {"backbone": params, "head": head}, {"head": head_stats}
-    nets_flax[name] = (params, stats if stats.get("head") else {})
+      params, stats = {"backbone": params, "head": head}, {"backbone": stats, "head": head_stats}
+    nets_flax[name] = (params, {k: v for k, v in stats.items() if v})  # only where there is BN
   student = nets_flax.get("student", nets_flax.get("teacher"))
   teacher = nets_flax.get("teacher", student)
   cast = lambda new, old: jax.tree.map(lambda a, b: np.asarray(a, b.dtype), new, old)
@@ -192,7 +212,11 @@ def load_state(weights: str, *, arch: str | None = None, patch_size: int | None 
       raise ValueError(f"{weights}: dino_loss.center has shape {center.shape}, the head's out_dim "
                        f"needs {fresh.center.shape}")
     state = state.replace(center=center.astype(fresh.center.dtype))
-  if full and with_optimizer and isinstance(obj.get("optimizer"), dict) and "student" in nets:
+  if (full and with_optimizer and isinstance(obj.get("optimizer"), dict) and "student" in nets
+      and config.optimizer != "adamw"):
+    logging.info("%s: its %s optimizer state is not imported (AdamW's only): a fresh one",
+                 weights, config.optimizer)
+  elif full and with_optimizer and isinstance(obj.get("optimizer"), dict) and "student" in nets:
     try:
       opt_state, step = optimizer.optimizer_from_torch(
           obj["optimizer"], fresh.opt_state, state.params,
@@ -218,9 +242,10 @@ def load_backbone(weights: str, which: str = "teacher", *, arch: str | None = No
   if which not in ("teacher", "student"):
     raise ValueError(f"which={which!r}: expected 'teacher' or 'student'")
   config, state = load_state(weights, arch=arch, patch_size=patch_size, with_optimizer=False)
-  student, teacher = build_models(config)
-  net, params = (teacher, state.teacher_params) if which == "teacher" else (student, state.params)
-  return config, net.backbone, jax.tree.map(jnp.asarray, params["backbone"])
+  params, stats = ((state.teacher_params, state.teacher_batch_stats) if which == "teacher" else
+                   (state.params, state.batch_stats))
+  return (config, features.evaluation_backbone(config, which),
+          jax.tree.map(jnp.asarray, features.evaluation_params(params, stats)))
 
 
 def import_weights(weights: str, output: str, *, arch: str | None = None,

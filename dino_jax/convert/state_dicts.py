@@ -1,4 +1,5 @@
-"""Flax params <-> PyTorch state_dicts with the release's (and timm's) key names and layouts.
+"""Flax params <-> PyTorch state_dicts with the release's (and timm's, torchvision's) key names and
+layouts. ResNet keys: convert.resnet_keys.
 
 Backbone keys: cls_token (1, 1, D), pos_embed (1, T, D), patch_embed.proj.{weight (D, 3, p, p),
 bias}, blocks.{i}.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}.{weight, bias},
@@ -15,40 +16,18 @@ from __future__ import annotations
 
 import importlib
 import re
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping
 
 import numpy as np
 
+from dino_jax.convert.entries import Entry, batchnorm as _batchnorm, layernorm as _layernorm
+from dino_jax.convert.entries import linear as _linear
 from dino_jax.convert.hf import hf_to_release
+from dino_jax.convert.resnet_keys import resnet_spec, resnet_torch_shapes, stages_of
 
 # ----------------------------------------------------------------------------------------------
 # Key tables.
 # ----------------------------------------------------------------------------------------------
-
-
-class Entry(NamedTuple):
-  """One tensor of a state_dict: its torch key, flax path, layout and collection."""
-  key: str  # torch key (without prefix)
-  path: tuple[str, ...] | None  # flax path (None: a torch-only buffer, num_batches_tracked)
-  layout: str  # 'same' | 'T' (2-D transpose) | 'conv' (OIHW <-> HWIO)
-  collection: str  # 'params' | 'batch_stats' | 'buffer'
-
-
-def _linear(key: str, path: tuple[str, ...]) -> list[Entry]:
-  return [Entry(f"{key}.weight", path + ("kernel",), "T", "params"),
-          Entry(f"{key}.bias", path + ("bias",), "same", "params")]
-
-
-def _layernorm(key: str, path: tuple[str, ...]) -> list[Entry]:
-  return [Entry(f"{key}.weight", path + ("scale",), "same", "params"),
-          Entry(f"{key}.bias", path + ("bias",), "same", "params")]
-
-
-def _batchnorm(key: str, path: tuple[str, ...]) -> list[Entry]:
-  return _layernorm(key, path) + [
-      Entry(f"{key}.running_mean", path + ("mean",), "same", "batch_stats"),
-      Entry(f"{key}.running_var", path + ("var",), "same", "batch_stats"),
-      Entry(f"{key}.num_batches_tracked", None, "same", "buffer")]
 
 
 def _backbone_spec(depth: int) -> list[Entry]:
@@ -81,18 +60,22 @@ def _head_spec(layers: list[tuple[int, str]]) -> list[Entry]:
 
 def spec_from_params(params: Mapping[str, Any]) -> list[Entry]:
   """The key table of a flax backbone or head tree, in the release's state_dict order."""
+  if "layer1_0" in params:
+    return resnet_spec(stages_of(params))
   if "cls_token" in params:
     depth = sum(1 for k in params if re.fullmatch(r"blocks_\d+", k))
     return _backbone_spec(depth)
   if "last_layer" in params:
     idx = sorted(int(k[4:]) for k in params if re.fullmatch(r"mlp_\d+", k))
     return _head_spec([(i, "linear" if "kernel" in params[f"mlp_{i}"] else "bn") for i in idx])
-  raise ValueError(f"neither a ViT backbone (cls_token, ...) nor a DINO head (last_layer, ...): "
-                   f"top-level keys {sorted(params)}")
+  raise ValueError(f"neither a ViT backbone (cls_token, ...), a ResNet (conv1, layer1_0, ...) nor "
+                   f"a DINO head (last_layer, ...): top-level keys {sorted(params)}")
 
 
 def _spec_from_keys(keys: list[str], kind: str) -> list[Entry]:
   """The key table a torch backbone / head state_dict with these keys should follow."""
+  if kind == "resnet":
+    return resnet_spec(stages_of(keys))
   if kind == "backbone":
     blocks = [int(m.group(1)) for k in keys if (m := re.match(r"blocks\.(\d+)\.", k))]
     return _backbone_spec(max(blocks) + 1 if blocks else 0)
@@ -211,11 +194,11 @@ def flax_to_torch(params: Mapping[str, Any], batch_stats: Mapping[str, Any] | No
   """Flax params -> a PyTorch state_dict (numpy arrays) with the release's names and layouts.
 
   Args:
-    params: a VisionTransformer's params, a DINOHead's, or a MultiCropWrapper's
+    params: a VisionTransformer's params, a ResNet's, a DINOHead's, or a MultiCropWrapper's
       {'backbone': ..., 'head': ...} (keys then start with 'backbone.' / 'head.', the layout of the
       release's teacher state_dict).
-    batch_stats: the BatchNorm statistics of a head with BN ({'mlp_1': {'mean', 'var'}, ...}, under
-      'head' for a wrapper); required when the head has BN layers.
+    batch_stats: the BatchNorm statistics of a head with BN ({'mlp_1': {'mean', 'var'}, ...}) or
+      of a ResNet, under 'head' / 'backbone' for a wrapper; required where there is BN.
     prefix: prepended to every key (e.g. 'module.' for the release's DDP student).
     num_batches_tracked: the value of BatchNorm's num_batches_tracked buffers.
   Returns:
@@ -223,9 +206,10 @@ def flax_to_torch(params: Mapping[str, Any], batch_stats: Mapping[str, Any] | No
     the release's / timm's VisionTransformer (num_classes=0) or the release's DINOHead.
   """
   if set(params) == {"backbone", "head"}:
-    bs = (batch_stats or {}).get("head")
-    return {**flax_to_torch(params["backbone"], prefix=prefix + "backbone."),
-            **flax_to_torch(params["head"], bs, prefix=prefix + "head.",
+    bs = batch_stats or {}
+    return {**flax_to_torch(params["backbone"], bs.get("backbone"), prefix=prefix + "backbone.",
+                            num_batches_tracked=num_batches_tracked),
+            **flax_to_torch(params["head"], bs.get("head"), prefix=prefix + "head.",
                             num_batches_tracked=num_batches_tracked)}
   spec = spec_from_params(params)
   known = {e.path for e in spec if e.collection == "params"}
@@ -233,7 +217,7 @@ def flax_to_torch(params: Mapping[str, Any], batch_stats: Mapping[str, Any] | No
           for p in _flat_paths(params) if p not in known], "unknown flax parameters")
   has_bn = any(e.collection == "batch_stats" for e in spec)
   if has_bn and batch_stats is None:
-    raise ValueError("the head has BatchNorm layers: pass its batch_stats (the release's "
+    raise ValueError("the network has BatchNorm layers: pass its batch_stats (the release's "
                      "state_dict holds running_mean / running_var)")
   out = {}
   for e in spec:
@@ -260,19 +244,24 @@ _BACKBONE_KEYS = ("cls_token", "pos_embed", "patch_embed.proj.weight", "norm.wei
 
 
 def _kind_of(keys: list[str]) -> str:
+  if "conv1.weight" in keys or any(k.startswith("layer1.") for k in keys):
+    return "resnet"
   if any(k in keys for k in _BACKBONE_KEYS) or any(k.startswith("blocks.") for k in keys):
     return "backbone"
   if any(k.startswith(("last_layer.", "mlp.")) for k in keys):
     return "head"
   more = " ..." if len(keys) > 8 else ""
-  raise ValueError(f"neither a ViT backbone (cls_token, pos_embed, blocks.*) nor a DINO head "
-                   f"(mlp.*, last_layer.*): keys {sorted(keys)[:8]}{more}")
+  raise ValueError(f"neither a ViT backbone (cls_token, pos_embed, blocks.*), a torchvision "
+                   f"ResNet (conv1.weight, layer1.*) nor a DINO head (mlp.*, last_layer.*): "
+                   f"keys {sorted(keys)[:8]}{more}")
 
 
 def _inferred_shapes(sd: Mapping[str, np.ndarray], spec: list[Entry], kind: str
                      ) -> dict[str, tuple[int, ...]]:
   """The torch shapes the state_dict's own anchors imply for every key (catches mixed files)."""
   shape = lambda k: tuple(sd[k].shape) if k in sd else None
+  if kind == "resnet":
+    return resnet_torch_shapes(stages_of(sd))
   if kind == "backbone":
     d = next((s[-1] for s in map(shape, ("cls_token", "norm.weight", "pos_embed")) if s), None)
     conv = shape("patch_embed.proj.weight")
@@ -370,8 +359,9 @@ def torch_to_flax(state_dict: Mapping[str, Any], *, prefix: str | None = None, t
     target: optional params tree (arrays or jax.ShapeDtypeStruct, e.g. from jax.eval_shape) of the
       model that will use the weights; keys and shapes are checked against it. Without it they are
       checked against the state_dict's own width, patch size, depth and head dims.
-    with_batch_stats: return (params, batch_stats): a BatchNorm head's running statistics
-      ({'mlp_1': {'mean', 'var'}, ...}, under 'head' for both networks; {} without BN). Without
+    with_batch_stats: return (params, batch_stats): the running statistics of a BatchNorm head
+      ({'mlp_1': {'mean', 'var'}, ...}) or ResNet, under 'head' / 'backbone' for both networks
+      (only those with BN); {} without BN. Without
       it they are left out (num_batches_tracked always is: flax keeps no such count).
   Raises:
     ValueError naming each unknown key, missing key, and key whose shape differs (with both shapes).
@@ -390,9 +380,11 @@ def torch_to_flax(state_dict: Mapping[str, Any], *, prefix: str | None = None, t
     if len(parts) == 1:  # a lone 'backbone.' or 'head.' prefix is stripped
       (name, part), = parts.items()
       return _convert_one(part, _kind_of(list(part)), target, with_batch_stats, f"{name}.")
-    out = {p: _convert_one(v, p, None if target is None else target[p],
-                           with_batch_stats and p == "head", f"{p}.") for p, v in parts.items()}
+    out = {p: _convert_one(v, _kind_of(list(v)) if p == "backbone" else p,
+                           None if target is None else target[p], True, f"{p}.")
+           for p, v in parts.items()}
     if not with_batch_stats:
-      return out
-    return {"backbone": out["backbone"], "head": out["head"][0]}, {"head": out["head"][1]}
+      return {p: v[0] for p, v in out.items()}
+    # Statistics only where there is BatchNorm: a ViT's state has none for its backbone.
+    return {p: v[0] for p, v in out.items()}, {p: v[1] for p, v in out.items() if v[1]}
   return _convert_one(sd, _kind_of(list(sd)), target, with_batch_stats, "")

@@ -23,7 +23,8 @@ from dino_jax import sharding as sharding_lib
 from dino_jax import state as state_lib
 from dino_jax.data import pipeline
 from dino_jax.data.augment import normalize
-from dino_jax.models import build_models, crop_shapes, init_variables
+from dino_jax.models import ResNet, VisionTransformer, build_models, crop_shapes, init_variables
+from dino_jax.models import merge_stats
 
 
 def l2_normalize(x: jax.Array) -> jax.Array:
@@ -32,18 +33,22 @@ def l2_normalize(x: jax.Array) -> jax.Array:
 
 
 def cls_features(backbone: nn.Module, params: Any, images: jax.Array) -> jax.Array:
-  """uint8 or [0, 1] images (B, H, W, 3) -> L2-normalised final-LN [CLS] features (B, D)."""
+  """uint8 or [0, 1] images (B, H, W, 3) -> L2-normalised final-LN [CLS] features (B, D) (a
+  ResNet's: its global average pool)."""
   return l2_normalize(backbone.apply({"params": params}, normalize(images)))
 
 
 def linear_features(backbone: nn.Module, params: Any, images: jax.Array, n_last_blocks: int = 4,
                     avgpool_patchtokens: bool = False) -> jax.Array:
-  """The linear probe's input: the [CLS] of the last n blocks (each final-LN-normed), concatenated.
+  """The linear probe's input: the [CLS] of the last n blocks (each final-LN-normed), concatenated;
+  a ResNet's global average pool (B, 2048).
 
   With avgpool_patchtokens (the release's ViT-B setting, n_last_blocks 1) the mean of the last
   block's patch tokens joins the [CLS] feature, interleaved as the release's
   cat((cls[..., None], mean[..., None]), -1).reshape(B, -1) orders them: (B, n * D) or (B, 2 * D).
   """
+  if isinstance(backbone, ResNet):  # the release's eval_linear: the pooled feature (fc removed)
+    return backbone.apply({"params": params}, normalize(images))
   if avgpool_patchtokens and n_last_blocks != 1:
     raise ValueError("avgpool_patchtokens needs n_last_blocks=1 (as in the release)")
   tokens = backbone.apply({"params": params}, normalize(images), n_last_blocks,
@@ -173,22 +178,46 @@ def extract(fn: Callable[[Any, dict[str, jax.Array]], dict[str, Any]], params: A
                    "examples_per_sec": timed_n / max(timed_s, 1e-9)}
 
 
+def has_attention(backbone: nn.Module) -> bool:
+  """Whether the backbone has self-attention (a ViT): attention maps, patch tokens."""
+  return isinstance(backbone, VisionTransformer)
+
+
+def require_vit(backbone: nn.Module, what: str) -> None:
+  """Raises ValueError naming `what` when the backbone is not a ViT."""
+  if not has_attention(backbone):
+    raise ValueError(f"{what} needs a ViT's attention or patch tokens; a {backbone.arch} has "
+                     "none (its evaluations: k-NN and the linear probe)")
+
+
 def evaluation_backbone(config: mlc.ConfigDict, which: str = "teacher") -> nn.Module:
   """The config's teacher (or student) backbone as every evaluation runs it: in float32, as the
   release evaluates, whatever precision it trained in; XLA's attention where training used
-  cuDNN's, which takes 16-bit inputs only. Same params."""
+  cuDNN's, which takes 16-bit inputs only; a ResNet in eval mode with its BatchNorm statistics
+  among its params (evaluation_params). Same params otherwise."""
   student, teacher = build_models(config)
   backbone = (teacher if which == "teacher" else student).backbone
+  if isinstance(backbone, ResNet):
+    return backbone.clone(dtype=jnp.float32, stats_in_params=True)
   attention = "xla" if backbone.attention == "cudnn" else backbone.attention
   return backbone.clone(dtype=jnp.float32, attention=attention)
 
 
+def evaluation_params(params: Any, batch_stats: Any) -> Any:
+  """A network's backbone weights as evaluation_backbone takes them, from its params
+  {'backbone', 'head'} and BatchNorm statistics: a ViT's backbone params; a ResNet's with its
+  running statistics merged in (models.merge_stats)."""
+  stats = (batch_stats or {}).get("backbone")
+  return merge_stats(params["backbone"], stats) if stats else params["backbone"]
+
+
 def load_backbone(workdir: str, which: str = "teacher", step: int | None = None
                   ) -> tuple[mlc.ConfigDict, nn.Module, Any, int]:
-  """(config, evaluation_backbone, backbone params, step) from a workdir's latest (or given)
-  checkpoint: the teacher by default, or the student."""
-  config, params, step = checkpoint.restore_params(workdir, which, step)
-  return config, evaluation_backbone(config, which), params["backbone"], step
+  """(config, evaluation_backbone, its params (evaluation_params), step) from a workdir's latest
+  (or given) checkpoint: the teacher by default, or the student."""
+  config, params, batch_stats, step = checkpoint.restore_network(workdir, which, step)
+  return (config, evaluation_backbone(config, which), evaluation_params(params, batch_stats),
+          step)
 
 
 def random_init_backbone(config: mlc.ConfigDict) -> Any:
@@ -198,6 +227,7 @@ def random_init_backbone(config: mlc.ConfigDict) -> Any:
 
   def backbone_init():
     init_rng, _ = state_lib.seed_rngs(config.seed)
-    return init_variables(student, init_rng, crop_shapes(config))["params"]["backbone"]
+    v = init_variables(student, init_rng, crop_shapes(config))
+    return evaluation_params(v["params"], v.get("batch_stats"))
 
   return jax.jit(backbone_init)()

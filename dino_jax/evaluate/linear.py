@@ -193,9 +193,11 @@ def run(config: mlc.ConfigDict, workdir: str, which: str = "teacher") -> dict[st
   avgpool = e.linear_avgpool_patchtokens
   _, backbone, params, step = features_lib.load_backbone(workdir, which)
   # As the release's get_intermediate_layers: every block when the backbone has fewer (the main
-  # job's depth 3 under the default 4).
-  n_last = min(e.linear_n_last_blocks, backbone.depth)
-  if n_last < e.linear_n_last_blocks:
+  # job's depth 3 under the default 4). A ResNet: its pooled feature (n_last 1 = one embed_dim).
+  vit = features_lib.has_attention(backbone)
+  n_last = min(e.linear_n_last_blocks, backbone.depth) if vit else 1
+  avgpool = avgpool and vit
+  if vit and n_last < e.linear_n_last_blocks:
     logging.info("linear probe: eval.linear_n_last_blocks=%d > depth %d: the [CLS] tokens of all "
                  "%d blocks", e.linear_n_last_blocks, backbone.depth, n_last)
   source = make_source(config, config.data.train_split)

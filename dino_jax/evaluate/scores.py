@@ -27,9 +27,10 @@ def evaluate(config: mlc.ConfigDict, backbone: nn.Module, models: dict[str, Any]
   """k-NN and (where the eval split has object masks) attention figures of each model.
 
   Args:
-    backbone: the ViT module; models: {name: its backbone params}.
+    backbone: the ViT or ResNet module; models: {name: its backbone params}.
     ks, temperature: the k-NN's k values and T; ks None: no k-NN (the train split is not read).
-    with_attention: also score the attention on the eval split's object masks, if it has them.
+    with_attention: also score the attention on the eval split's object masks, if it has them
+      (a ViT's; a ResNet has none, said in the log).
   Returns:
     ({name: {'knn': knn.accuracy's dict, 'attention': attention_maps.summarize's dict and 'maps' of
      the first config.eval.attention_images eval images (B, h, gh, gw) (if scored)}},
@@ -37,6 +38,10 @@ def evaluate(config: mlc.ConfigDict, backbone: nn.Module, models: dict[str, Any]
      models together).
   """
   mesh = sharding_lib.make_mesh() if mesh is None else mesh
+  if with_attention and not features.has_attention(backbone):
+    logging.info("attention maps do not apply to a %s (no self-attention): not scored",
+                 backbone.arch)
+    with_attention = False
   d, e = config.data, config.eval
   local = features.local_batch_size(e.batch_size, mesh)
   batches = lambda split: pipeline.eval_batches(config, split, local,

@@ -11,18 +11,23 @@ import jax.numpy as jnp
 import ml_collections as mlc
 
 from dino_jax.models.head import DINOHead, MultiCropWrapper
+from dino_jax.models.resnet import STAGES, build_resnet
 from dino_jax.models.vit import build_vit
 
 
 def build_models(config: mlc.ConfigDict) -> tuple[MultiCropWrapper, MultiCropWrapper]:
-  """(student, teacher): the same architecture; only the student has drop path."""
+  """(student, teacher): the same architecture; only the student has drop path (a ViT's; the
+  release's ResNets have none)."""
   m = config.model
   sizes = {k: m[k] for k in ("embed_dim", "depth", "num_heads") if m[k] > 0}
   vit_kw = dict(img_size=m.img_size or config.global_crops_size, dtype=jnp.dtype(m.dtype),
                 attention=m.attention, remat=m.remat, **sizes)
 
   def wrapper(drop_path_rate):
-    backbone = build_vit(m.arch, m.patch_size, drop_path_rate=drop_path_rate, **vit_kw)
+    if m.arch in STAGES:
+      backbone = build_resnet(m.arch, dtype=jnp.dtype(m.dtype))
+    else:
+      backbone = build_vit(m.arch, m.patch_size, drop_path_rate=drop_path_rate, **vit_kw)
     # The head computes in float32 whatever the backbone's dtype: the teacher's softmax at
     # temperature 0.04 needs its precision (docs/notes/models.md, "Head precision").
     head = DINOHead(config.out_dim, use_bn=m.use_bn_in_head, norm_last_layer=m.norm_last_layer,

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dino_jax.models.batchnorm import BatchNorm
 from dino_jax.models.vit import gelu, torch_default_kernel_init, trunc_normal
 
 Dtype = Any
@@ -44,42 +45,6 @@ class WeightNormDense(nn.Module):
     return jnp.dot(x.astype(self.dtype), v.astype(self.dtype)) * (g * jax.lax.rsqrt(sq_norm))
 
 
-class BatchNorm1d(nn.Module):
-  """torch.nn.BatchNorm1d over (N, C): flax's nn.BatchNorm puts the *biased* batch variance into
-  its running estimate; torch (and so the release's checkpoints) the unbiased one.
-
-  Training: normalise with the batch mean and biased variance, running stats <- 0.9 running +
-  0.1 batch (variance unbiased). Otherwise: the running stats. eps 1e-5. Names as flax's
-  (scale, bias; batch_stats mean, var).
-  """
-  momentum: float = 0.1  # torch's convention: the weight of the new batch
-  epsilon: float = 1e-5
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
-    """x: (N, C) -> (N, C)."""
-    c = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
-    bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
-    ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
-    xf = x.astype(jnp.float32)
-    if use_running_average:
-      mean, var = ra_mean.value, ra_var.value
-    else:
-      mean = jnp.mean(xf, 0)
-      var = jnp.mean(jnp.square(xf - mean), 0)
-      if not self.is_initializing():
-        n = xf.shape[0]
-        m = self.momentum
-        ra_mean.value = (1 - m) * ra_mean.value + m * mean
-        ra_var.value = (1 - m) * ra_var.value + m * var * n / max(n - 1, 1)
-    y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
-    return y.astype(self.dtype)
-
-
 class DINOHead(nn.Module):
   """MLP (nlayers linears, GELU, optional BN) -> L2 normalisation -> weight-normalised linear.
 
@@ -110,7 +75,7 @@ class DINOHead(nn.Module):
       if i == len(dims) - 1:
         break
       if self.use_bn:
-        x = BatchNorm1d(dtype=self.dtype, param_dtype=self.param_dtype, name=f"mlp_{idx}")(
+        x = BatchNorm(dtype=self.dtype, param_dtype=self.param_dtype, name=f"mlp_{idx}")(
             x, use_running_average=not train)
         idx += 1
       x = gelu(x)

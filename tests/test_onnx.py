@@ -51,7 +51,7 @@ def exported(tmp_path_factory):
 
 def test_onnxruntime_gives_our_features_at_two_batch_sizes(exported):
   """features = model.apply's final-LN [CLS] and tokens = the final-LN tokens, within 1e-5 of
-  dino_jax (float32; measured 3e-7), for batches of 1 and 3 from one file."""
+  dino_jax (float32), for batches of 1 and 3 from one file."""
   _, path, net, params = exported
   session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
   (inp,) = session.get_inputs()

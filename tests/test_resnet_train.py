@@ -5,7 +5,7 @@ where the uninterrupted run does, and the closing evaluation scores k-NN and say
 maps do not apply; the linear probe runs on it.
 
 One CPU device and a persistent compilation cache: the resumed run reuses the first run's
-compiled step (a ResNet-50 step takes most of a minute to compile on two cores)."""
+compiled step."""
 import json
 import os
 import shutil

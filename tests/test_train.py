@@ -75,7 +75,7 @@ def test_config_from_file_equals_the_command_line(monkeypatch):
     ("--config.eval.every_steps=-5", "eval.every_steps=-5"),
     ("--config.momentum_teacher_end=1.5", "momentum_teacher_end=1.5"),
     ("--config.model.dtype=float16", "use bfloat16"),  # no loss scaling: refused, not NaN
-    ("--config.optimizer=adam", "optimizer='adam': expected adamw, sgd or lars"),
+    ("--config.optimizer=adam", "optimizer='adam': expected adamw (the ViT recipe), sgd or lars"),
     ("--config.model.arch=resnet5", "'resnet50'"),
 ])
 def test_bad_values_fail_before_compiling_naming_the_value(tmp_path, override, needle):

@@ -291,7 +291,7 @@ def test_cli_on_a_davis_folder(workdir, tmp_path):  # noqa: F811
   # vidA's masks, by the release's pipeline written out: frames resized by its rule (48 x 100 ->
   # 64 x (64 x 100 / 48 // 64 x 64 = 128)), bilinear; normalised; the ViT's last block; the first
   # mask to the 16 x 32 grid by PIL nearest; propagation; upsampling; back to 48 x 100 (nearest).
-  config, params, _ = checkpoint.restore_params(workdir)
+  config, params, _, _ = checkpoint.restore_network(workdir)
   vit = build_models(config)[1].backbone
   frames = np.stack([np.asarray(Image.open(tmp_path / "davis" / "JPEGImages" / "480p" / "vidA" /
                                            f"{t:05d}.jpg").convert("RGB")) for t in range(6)])

@@ -114,8 +114,8 @@ def export(workdir: str, output: str, *, which: str = "teacher", with_head: bool
   paths.check(output)
   config, state, step = load_state(workdir, step)
   resnet = config.model.arch in STAGES
-  if resnet and fmt == "hf":
-    raise ValueError(f"--format hf is a transformers.ViTModel; a {config.model.arch} exports as "
+  if resnet and fmt in ("hf", "onnx"):
+    raise ValueError(f"--format {fmt} is a transformers.ViTModel; a {config.model.arch} exports as "
                      "pth or safetensors (torchvision's names)")
   if fmt == "full" and config.optimizer != "adamw":
     raise ValueError(f"--format full holds the release's AdamW state; this run's optimizer is "

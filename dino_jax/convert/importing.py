@@ -212,11 +212,12 @@ def load_state(weights: str, *, arch: str | None = None, patch_size: int | None 
       raise ValueError(f"{weights}: dino_loss.center has shape {center.shape}, the head's out_dim "
                        f"needs {fresh.center.shape}")
     state = state.replace(center=center.astype(fresh.center.dtype))
-  if (full and with_optimizer and isinstance(obj.get("optimizer"), dict) and "student" in nets
-      and config.optimizer != "adamw"):
+  has_optimizer = (full and with_optimizer and isinstance(obj.get("optimizer"), dict)
+                   and "student" in nets)
+  if has_optimizer and config.optimizer != "adamw":
     logging.info("%s: its %s optimizer state is not imported (AdamW's only): a fresh one",
                  weights, config.optimizer)
-  elif full and with_optimizer and isinstance(obj.get("optimizer"), dict) and "student" in nets:
+  elif has_optimizer:
     try:
       opt_state, step = optimizer.optimizer_from_torch(
           obj["optimizer"], fresh.opt_state, state.params,

@@ -74,8 +74,8 @@ class CopySets:
 class Images:
   """n images made by load(i) -> uint8 (H, W, 3), as the release's transform sees them.
 
-  Records: {'image': uint8 (S, S, 3), 'valid': True}: resized to S x S, aspect not kept, PIL
-  bicubic (the release's Resize((imsize, imsize), interpolation=3)).
+  Records: {'image': uint8 (S, S, 3)} (pipeline.padded_share adds 'valid'): resized to S x S,
+  aspect not kept, PIL bicubic (the release's Resize((imsize, imsize), interpolation=3)).
   """
 
   def __init__(self, n: int, load: Callable[[int], np.ndarray], imsize: int):
@@ -86,8 +86,7 @@ class Images:
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     img = Image.fromarray(self.load(int(index)))
-    return {"image": np.asarray(img.resize((self.imsize, self.imsize), Image.BICUBIC)),
-            "valid": np.True_}
+    return {"image": np.asarray(img.resize((self.imsize, self.imsize), Image.BICUBIC))}
 
 
 def read_image(file: str | io.BytesIO) -> np.ndarray:

@@ -15,6 +15,7 @@ Shapes: T frames, H x W a frame as stored, th x tw resized, gh x gw the patch gr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import io
 import os
@@ -131,9 +132,11 @@ def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   return np.asarray(Image.fromarray(labels).resize((size[1], size[0]), Image.NEAREST))
 
 
+@functools.lru_cache(maxsize=1)
 def palette() -> np.ndarray:
   """(256, 3) uint8: the PASCAL VOC colour map, DAVIS's annotation palette (the release reads
-  the same colours from UVC's palette.txt over the network; here they are computed)."""
+  the same colours from UVC's palette.txt over the network; here they are computed once). Read
+  only: every caller shares the array."""
   out = np.zeros((256, 3), np.uint8)
   for i in range(256):
     c, r, g, b = i, 0, 0, 0

@@ -103,11 +103,6 @@ def learn_whitening(x: np.ndarray, dim: int | None = None, whit: float = 0.5) ->
                    float(kept.sum() / d.sum()))
 
 
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-  """(n, F) -> unit rows (norms clamped at 1e-12, as torch's F.normalize)."""
-  return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 @functools.partial(jax.jit, static_argnums=2)
 def _top_k(queries, database, k):
   sims = jnp.matmul(queries, database.T, precision=jax.lax.Precision.HIGHEST)
@@ -155,8 +150,7 @@ def detect(queries: dict[str, np.ndarray], database: np.ndarray, whitening: np.n
     logging.info("whitening from %d images keeps %.2f%% of the energy", len(whitening),
                  100 * w.energy)
     q, db = w(q), w(db)
-  ids = search(l2_normalize(np.asarray(q, np.float64)), l2_normalize(np.asarray(db, np.float64)),
-               k)
+  ids = search(np.asarray(features.l2_normalize(q)), np.asarray(features.l2_normalize(db)), k)
   out, start = {}, 0
   for b in names:
     n = len(queries[b])

@@ -24,7 +24,7 @@ from dino_jax.data import pipeline
 from dino_jax.evaluate.attention_maps import mass_masks, upsample
 
 
-def _save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> None:
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> None:
   """fig -> path, in the format of path's extension (png without one)."""
   buf = io.BytesIO()
   fig.savefig(buf, format=os.path.splitext(str(path))[1][1:] or "png", dpi=dpi)
@@ -43,7 +43,8 @@ def _save_png(path: str, image: np.ndarray) -> None:
 
 def overlay(image: np.ndarray, mask: np.ndarray, color=(1.0, 0.2, 0.2), alpha: float = 0.5
             ) -> np.ndarray:
-  """uint8 image (H, W, 3) with a bool mask (H, W) tinted: float (H, W, 3) in [0, 1]."""
+  """uint8 image (H, W, 3) with a bool mask (H, W) tinted by color, (3,) or per pixel (H, W, 3):
+  float (H, W, 3) in [0, 1]."""
   img = image.astype(np.float32) / 255.0
   return np.where(mask[..., None], (1 - alpha) * img + alpha * np.asarray(color), img)
 
@@ -103,7 +104,7 @@ def plot_grid(path: str | os.PathLike, images: np.ndarray, maps: np.ndarray, pat
   for i, title in enumerate(titles or []):
     fig.text(0.5 * left / fw, 1 - (top + (i * (ih + gap) + ih / 2) * scale) / fh, title,
              ha="center", va="center", fontsize=7, rotation=90)
-  _save_figure(fig, path)
+  save_figure(fig, path)
 
 
 def save_heads(outdir: str, image: np.ndarray, maps: np.ndarray, patch_size: int,
@@ -144,7 +145,7 @@ def plot_progress(rows: Sequence[dict[str, Any]], path: str | os.PathLike,
   ax.set_xlabel("step")
   ax.set_title("the teacher during training", fontsize=10)
   fig.tight_layout()
-  _save_figure(fig, path)
+  save_figure(fig, path)
 
 
 def plot_examples(config: mlc.ConfigDict, maps: np.ndarray, patch_size: int,

@@ -15,7 +15,6 @@ eval/progress.jsonl, redraws eval/progress.png and writes TensorBoard scalars ev
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -28,11 +27,6 @@ from dino_jax import metrics
 from dino_jax import paths
 from dino_jax import sharding as sharding_lib
 from dino_jax.evaluate import features, plots, scores
-
-
-def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
-  """data as indented JSON at path (a local path or a URI), its directory created."""
-  paths.write_json(path, data)
 
 
 def run(config: mlc.ConfigDict, workdir: str, random_init: Any = None
@@ -60,14 +54,14 @@ def run(config: mlc.ConfigDict, workdir: str, random_init: Any = None
       knn_json = dict(trained["knn"])
       if "random_init" in results:
         knn_json["random_init"] = results["random_init"]["knn"]
-      write_json(out_dir / "knn.json", knn_json)
+      paths.write_json(out_dir / "knn.json", knn_json)
     if "attention" in trained:
       att_json = dict(trained["attention"])
       if "random_init" in results:
         rnd = dict(results["random_init"]["attention"])
         del rnd["object_area"]  # a property of the data, not of the network
         att_json["random_init"] = rnd
-      write_json(out_dir / "attention.json", att_json)
+      paths.write_json(out_dir / "attention.json", att_json)
       plots.plot_examples(config, trained["maps"], backbone.patch_size,
                           out_dir / "attention.png")
   logging.info("evaluation of the teacher at step %d (features: %.0f train, %.0f eval images/s; "

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import os
 from typing import Any, Iterator, Sequence
 
@@ -38,7 +37,6 @@ from absl import logging
 from jax.sharding import Mesh
 from matplotlib.figure import Figure
 
-from dino_jax import paths
 from dino_jax import sharding as sharding_lib
 from dino_jax.data import davis, pipeline
 from dino_jax.evaluate import davis_metrics, features, plots
@@ -58,11 +56,11 @@ class Propagation:
 
 
 def patch_features(backbone: nn.Module, params: Any, frames: jax.Array) -> jax.Array:
-  """uint8 frames (B, H, W, 3) -> the last block's patch tokens, final-LN-normed and L2-normalised
-  per patch (B, N, D) float32; backbone as features.evaluation_backbone builds it (float32)."""
+  """uint8 frames (B, H, W, 3) -> the last block's patch tokens, final-LN-normed (B, N, D) float32
+  (propagate L2-normalises them); backbone as features.evaluation_backbone builds it (float32)."""
   x = (frames.astype(jnp.float32) / 255.0 - jnp.asarray(MEAN)) / jnp.asarray(STD)
   tokens = backbone.apply({"params": params}, x, 1, method="get_intermediate_layers")[0]
-  return features.l2_normalize(tokens[:, 1:].astype(jnp.float32))
+  return tokens[:, 1:].astype(jnp.float32)
 
 
 @functools.lru_cache(maxsize=16)
@@ -263,10 +261,7 @@ def plot_clip(path: str | os.PathLike, frames: np.ndarray, rows: dict[str, np.nd
   grid = np.ones((len(rows) * (h + gap), t * (w + gap), 3), np.float32)
   for r, ids in enumerate(rows.values()):
     for i in range(t):
-      tile = frames[i].astype(np.float32) / 255.0
-      for k in range(1, int(ids[i].max()) + 1):
-        tile = np.where((ids[i] == k)[..., None], plots.overlay(frames[i], ids[i] == k, colors[k]),
-                        tile)
+      tile = plots.overlay(frames[i], ids[i] > 0, colors[ids[i]])  # each object its colour
       grid[r * (h + gap):r * (h + gap) + h, i * (w + gap):i * (w + gap) + w] = tile
   scale, left = 0.8 / max(h, w), 1.4  # inches per pixel (a tile is 0.8 inch), title margin
   fig = Figure(figsize=(grid.shape[1] * scale + left + 0.1, grid.shape[0] * scale + 0.4))
@@ -279,6 +274,4 @@ def plot_clip(path: str | os.PathLike, frames: np.ndarray, rows: dict[str, np.nd
              ha="center", va="center", fontsize=8)
   fig.text(0.5, 1 - 0.2 / fh, "frames 0 .. %d (frame 0: the given annotation)" % (t - 1),
            ha="center", va="center", fontsize=8)
-  buf = io.BytesIO()
-  fig.savefig(buf, format="png", dpi=100)
-  paths.write_bytes(path, buf.getvalue())
+  plots.save_figure(fig, path)

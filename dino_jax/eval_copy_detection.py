@@ -36,7 +36,7 @@ from dino_jax import cli
 from dino_jax import paths
 from dino_jax import sharding as sharding_lib
 from dino_jax.data import copydays
-from dino_jax.evaluate import copy_detection, features
+from dino_jax.evaluate import copy_detection, features, tables
 
 
 def _define_flags() -> None:
@@ -65,13 +65,11 @@ def _define_flags() -> None:
 
 def _table(results: dict[str, dict[str, float]]) -> str:
   """{model: {block: mAP}} -> a plain text table, one column per model, the paper's block marked."""
-  names = list(results)
-  blocks = list(results[names[0]])
-  width = max(len(b) for b in blocks) + 12  # "<block> mAP (%) <-"
-  lines = [" " * width + "".join(f"  {n.replace('_', ' '):>12}" for n in names)]
-  lines += [(f"{b} mAP (%)" + (" <-" if b == "strong" else "")).ljust(width)
-            + "".join(f"  {results[n][b]:>12.1f}" for n in names) for b in blocks]
-  return "\n".join(lines)
+  blocks = list(next(iter(results.values())))
+  rows = [(f"{b} mAP (%)" + (" <-" if b == "strong" else ""),
+           [f"{r[b]:.1f}" for r in results.values()]) for b in blocks]
+  # Labels padded to the longest block's "<block> mAP (%) <-" and a space, marked or not.
+  return tables.text_table(list(results), rows, label_width=max(len(b) for b in blocks) + 12)
 
 
 def main(argv) -> None:

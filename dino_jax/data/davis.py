@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from dino_jax import paths
+from dino_jax.data import resample
 
 RESOLUTION = "480p"
 VOID_LABEL = 255
@@ -69,27 +70,13 @@ def frame_size(height: int, width: int, scale_size: int = 480) -> tuple[int, int
   return scale_size, int((scale_size * width / height) // 64 * 64)
 
 
-def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
-  """(n_out, n_in) float64 matrix of 1-D linear resampling with half-pixel centres: src =
-  (dst + 0.5) n_in / n_out - 0.5, clamped to [0, n_in - 1], no antialiasing. That is torch's
-  interpolate(mode='bilinear', align_corners=False) and cv2's INTER_LINEAR, per axis."""
-  src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
-  i0 = np.minimum(np.floor(src).astype(int), n_in - 1)
-  i1 = np.minimum(i0 + 1, n_in - 1)
-  frac = src - i0
-  mat = np.zeros((n_out, n_in))
-  np.add.at(mat, (np.arange(n_out), i0), 1 - frac)
-  np.add.at(mat, (np.arange(n_out), i1), frac)
-  return mat
-
-
 def resize_frame(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   """uint8 (H, W, 3) -> uint8 (th, tw, 3) by cv2.resize's default INTER_LINEAR, as the release.
 
   Float weights rounded once at the end, where cv2 uses 11-bit fixed point: a level apart at
   most.
   """
-  rows, cols = bilinear_matrix(image.shape[0], size[0]), bilinear_matrix(image.shape[1], size[1])
+  rows, cols = (resample.bilinear_matrix(n, m) for n, m in zip(image.shape[:2], size))
   out = np.einsum("ah,hwc,bw->abc", rows, image.astype(np.float64), cols)
   return np.clip(np.round(out), 0, 255).astype(np.uint8)
 

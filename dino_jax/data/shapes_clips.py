@@ -40,8 +40,6 @@ def make_clips(config: mlc.ConfigDict, num_clips: int = 24, num_frames: int = 12
   [{'name': 'clip00', 'frames': uint8 (T, S, S, 3), 'masks': uint8 (T, S, S) (0 background, 1, 2
   the objects)}].
   """
-  if config.data.source != "shapes":
-    raise ValueError(f"config.data.source={config.data.source!r}: the clips need 'shapes'")
   cfg = config.copy_and_resolve_references()
   cfg.data.shapes_eval_size = num_clips * 2  # every object its own record's draws
   source = make_source(cfg, SPLIT)

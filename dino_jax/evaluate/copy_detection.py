@@ -31,24 +31,23 @@ from dino_jax.data import copydays, pipeline
 from dino_jax.data.augment import normalize
 from dino_jax.evaluate import features
 
-GEM_P = 4.0
-TOP_K = 20  # the release's similarity.topk(20)
+GEM_P = 4.0  # the release's fixed exponent (pow(4) ... pow(1. / 4)), no option of its command
+TOP_K = 20  # the release's similarity.topk(20), fixed too
 PIXELS = "baseline"  # the name of the raw-pixel features among a run's models
 
 
-def gem(tokens: jax.Array, p: float = GEM_P, eps: float = 1e-6) -> jax.Array:
-  """Generalised mean of (B, N, D) tokens over N -> (B, D): mean(max(x, eps)^p)^(1/p), as the
-  release's clamp(min=1e-6), avg_pool2d over the whole patch grid of x^4, then ^(1/4)."""
-  return jnp.mean(jnp.maximum(tokens, eps) ** p, axis=1) ** (1.0 / p)
+def gem(tokens: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """Generalised mean of (B, N, D) tokens over N -> (B, D): mean(max(x, eps)^p)^(1/p), p = GEM_P,
+  as the release's clamp(min=1e-6), avg_pool2d over the whole patch grid of x^4, then ^(1/4)."""
+  return jnp.mean(jnp.maximum(tokens, eps) ** GEM_P, axis=1) ** (1.0 / GEM_P)
 
 
-def copy_features(backbone: nn.Module, params: Any, images: jax.Array, p: float = GEM_P
-                  ) -> jax.Array:
+def copy_features(backbone: nn.Module, params: Any, images: jax.Array) -> jax.Array:
   """uint8 or [0, 1] images (B, S, S, 3) -> [CLS] and GeM-pooled patch tokens of the last block,
   each final-LN-normed, concatenated: (B, 2 D) float32."""
   tokens = backbone.apply({"params": params}, normalize(images), 1,
                           method="get_intermediate_layers")[0].astype(jnp.float32)  # (B, T, D)
-  return jnp.concatenate([tokens[:, 0], gem(tokens[:, 1:], p)], axis=-1)
+  return jnp.concatenate([tokens[:, 0], gem(tokens[:, 1:])], axis=-1)
 
 
 def pixel_features(images: jax.Array, grid: int) -> jax.Array:
@@ -61,12 +60,12 @@ def pixel_features(images: jax.Array, grid: int) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=16)
-def _feature_fn(backbone: nn.Module, pixel_grid: int | None, p: float):
+def _feature_fn(backbone: nn.Module, pixel_grid: int | None):
   """fn(params, batch) -> {name: (B, F)} for features.extract: one per options, so that a second
   set of images reuses the compiled step."""
 
   def fn(params, batch):
-    out = {name: copy_features(backbone, params[name], batch["image"], p) for name in params}
+    out = {name: copy_features(backbone, params[name], batch["image"]) for name in params}
     if pixel_grid:
       out[PIXELS] = pixel_features(batch["image"], pixel_grid)
     return out
@@ -109,11 +108,11 @@ def _top_k(queries, database, k):
   return jax.lax.top_k(sims, k)
 
 
-def search(queries: np.ndarray, database: np.ndarray, k: int = TOP_K, chunk: int = 1024
-           ) -> np.ndarray:
-  """Database indices of each query's k most similar (dot product) images, (Q, min(k, M)),
-  by similarity descending (ties: lower index first); queries (Q, F), database (M, F)."""
-  k = min(k, len(database))
+def search(queries: np.ndarray, database: np.ndarray, chunk: int = 1024) -> np.ndarray:
+  """Database indices of each query's k = TOP_K most similar (dot product) images,
+  (Q, min(k, M)), by similarity descending (ties: lower index first); queries (Q, F), database
+  (M, F)."""
+  k = min(TOP_K, len(database))
   db = jnp.asarray(database, jnp.float32)
   chunks = [jnp.asarray(queries[i:i + chunk], jnp.float32) for i in range(0, len(queries), chunk)]
   return np.concatenate([np.asarray(_top_k(q, db, k)[1]) for q in chunks])
@@ -139,9 +138,9 @@ def mean_average_precision(ids: np.ndarray, positives: Sequence[np.ndarray]) -> 
 
 
 def detect(queries: dict[str, np.ndarray], database: np.ndarray, whitening: np.ndarray | None,
-           positives: dict[str, Sequence[np.ndarray]], k: int = TOP_K) -> dict[str, float]:
+           positives: dict[str, Sequence[np.ndarray]]) -> dict[str, float]:
   """mAP (percent) of each query block: whitening learned on `whitening` (n, F) (none if None)
-  applied to queries {block: (Q_b, F)} and database (M, F), L2 normalisation, top-k search."""
+  applied to queries {block: (Q_b, F)} and database (M, F), L2 normalisation, top-TOP_K search."""
   names = list(queries)
   q = np.concatenate([queries[b] for b in names])
   db = np.asarray(database)
@@ -150,7 +149,7 @@ def detect(queries: dict[str, np.ndarray], database: np.ndarray, whitening: np.n
     logging.info("whitening from %d images keeps %.2f%% of the energy", len(whitening),
                  100 * w.energy)
     q, db = w(q), w(db)
-  ids = search(np.asarray(features.l2_normalize(q)), np.asarray(features.l2_normalize(db)), k)
+  ids = search(np.asarray(features.l2_normalize(q)), np.asarray(features.l2_normalize(db)))
   out, start = {}, 0
   for b in names:
     n = len(queries[b])
@@ -160,8 +159,8 @@ def detect(queries: dict[str, np.ndarray], database: np.ndarray, whitening: np.n
 
 
 def evaluate(backbone: nn.Module, models: dict[str, Any], sets: copydays.CopySets, *,
-             batch_size: int, mesh: Mesh, pixel_grid: int | None = None, threads: int = 1,
-             p: float = GEM_P, k: int = TOP_K) -> tuple[dict[str, dict[str, float]], float]:
+             batch_size: int, mesh: Mesh, pixel_grid: int | None = None, threads: int = 1
+             ) -> tuple[dict[str, dict[str, float]], float]:
   """Copy detection mAP of each model, all models from one pass over each set of images.
 
   Args:
@@ -173,7 +172,7 @@ def evaluate(backbone: nn.Module, models: dict[str, Any], sets: copydays.CopySet
   Returns:
     ({model: {query block: mAP, percent}}, images a second through the feature pass).
   """
-  fn = _feature_fn(backbone, pixel_grid, p)
+  fn = _feature_fn(backbone, pixel_grid)
   local = features.local_batch_size(batch_size, mesh)
 
   def extract(source):
@@ -189,7 +188,7 @@ def evaluate(backbone: nn.Module, models: dict[str, Any], sets: copydays.CopySet
   whitening = extract(sets.whitening) if sets.whitening is not None else None
   names = list(models) + ([PIXELS] if pixel_grid else [])
   results = {name: detect({b: queries[b][name] for b in queries}, database[name],
-                          None if whitening is None else whitening[name], sets.positives, k)
+                          None if whitening is None else whitening[name], sets.positives)
              for name in names}
   n, seconds = np.sum(timing, axis=0)
   return results, float(n / max(seconds, 1e-9))

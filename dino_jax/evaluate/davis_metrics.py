@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from dino_jax.evaluate import tables
+
 BOUND_TH = 0.008  # the boundary tolerance, a fraction of the image diagonal (davis2017-evaluation)
 MEASURES = ("J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay")
 
@@ -63,12 +65,10 @@ def _near(src: np.ndarray, dst: np.ndarray, radius: float) -> int:
   return int(np.sum(dst[box] & (dist <= radius)))
 
 
-def boundary_f(gt: np.ndarray, pred: np.ndarray, bound_th: float = BOUND_TH) -> float:
-  """Bool masks (H, W) -> the boundary F-measure (davis2017-evaluation's f_measure).
-
-  A tolerance of bound_th >= 1 is in pixels, else a fraction of the diagonal (rounded up).
-  """
-  radius = bound_th if bound_th >= 1 else math.ceil(bound_th * math.hypot(*gt.shape))
+def boundary_f(gt: np.ndarray, pred: np.ndarray) -> float:
+  """Bool masks (H, W) -> the boundary F-measure (davis2017-evaluation's f_measure at the
+  benchmark's bound_th, BOUND_TH: a tolerance of ceil(BOUND_TH x the diagonal) px)."""
+  radius = math.ceil(BOUND_TH * math.hypot(*gt.shape))
   fg, gb = seg2bmap(pred), seg2bmap(gt)
   n_fg, n_gt = int(fg.sum()), int(gb.sum())
   if n_fg == 0 or n_gt == 0:  # precision, recall: 1, 0 / 0, 1 (F 0); both empty: F 1
@@ -89,8 +89,7 @@ def statistics(values: np.ndarray) -> tuple[float, float, float]:
   return float(mean), float(recall), float(decay)
 
 
-def video_scores(gt: np.ndarray, pred: np.ndarray, bound_th: float = BOUND_TH
-                 ) -> dict[str, np.ndarray]:
+def video_scores(gt: np.ndarray, pred: np.ndarray) -> dict[str, np.ndarray]:
   """Object-id maps (T, H, W) of a video, true and predicted -> {'J': (K, T - 2), 'F': (K, T - 2)}:
   each object's scores on every frame but the first and the last."""
   if gt.shape != pred.shape:
@@ -102,7 +101,7 @@ def video_scores(gt: np.ndarray, pred: np.ndarray, bound_th: float = BOUND_TH
     for obj in range(1, k + 1):
       g, p = gt[t] == obj, pred[t] == obj
       out["J"][obj - 1, t - 1] = jaccard(g, p)
-      out["F"][obj - 1, t - 1] = boundary_f(g, p, bound_th)
+      out["F"][obj - 1, t - 1] = boundary_f(g, p)
   return out
 
 
@@ -137,8 +136,5 @@ def summarize(scores: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
   """{column name: summarize(...)} -> a plain text table of MEASURES, one column per name."""
-  names = list(results)
-  width = max(len(m) for m in MEASURES)
-  lines = [" " * width + "".join(f"  {n.replace('_', ' '):>12}" for n in names)]
-  lines += [m.ljust(width) + "".join(f"  {results[n][m]:12.3f}" for n in names) for m in MEASURES]
-  return "\n".join(lines)
+  return tables.text_table(list(results), [(m, [f"{r[m]:.3f}" for r in results.values()])
+                                           for m in MEASURES])

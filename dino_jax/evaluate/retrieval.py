@@ -28,9 +28,9 @@ import ml_collections as mlc
 import numpy as np
 from jax.sharding import Mesh
 
-from dino_jax.data import pipeline, revisited
+from dino_jax.data import pipeline, resample, revisited
 from dino_jax.data.augment import normalize
-from dino_jax.evaluate import features
+from dino_jax.evaluate import features, tables
 
 MULTISCALE = (1.0, 1 / 2**(1 / 2), 1 / 2)  # the release's utils.multi_scale
 KAPPAS = (1, 5, 10)  # the k of mP@k, as the release reports
@@ -38,26 +38,12 @@ SETTINGS = {"medium": (("easy", "hard"), ("junk",)), "hard": (("hard",), ("junk"
 SHAPES_SPLITS = ("retrieval_query", "retrieval_database")
 
 
-def bilinear_matrix(n_in: int, scale: float) -> np.ndarray:
-  """(floor(n_in * scale), n_in): torch's interpolate(scale_factor=scale, mode='bilinear',
-  align_corners=False) along one axis, as ATen computes it when given a scale factor: source
-  coordinate (i + 0.5) / scale - 0.5 in float32, clamped at 0; weights 1 - t and t on its two
-  neighbours, the upper one clamped to the last pixel; no antialiasing."""
-  n_out = math.floor(n_in * scale)
-  src = np.float32(1.0 / scale) * (np.arange(n_out, dtype=np.float32) + np.float32(0.5))
-  src = np.maximum(src - np.float32(0.5), np.float32(0))
-  lo = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-  t = np.clip(src - lo.astype(np.float32), 0, 1)
-  mat = np.zeros((n_out, n_in), np.float32)
-  np.add.at(mat, (np.arange(n_out), lo), 1 - t)
-  np.add.at(mat, (np.arange(n_out), np.minimum(lo + 1, n_in - 1)), t)
-  return mat
-
-
 def resize_bilinear(images: jax.Array, scale: float) -> jax.Array:
-  """(B, H, W, C) float -> (B, floor(H scale), floor(W scale), C), as bilinear_matrix."""
-  rows = bilinear_matrix(images.shape[1], scale)
-  cols = bilinear_matrix(images.shape[2], scale)
+  """(B, H, W, C) float -> (B, floor(H scale), floor(W scale), C): torch's interpolate(
+  scale_factor=scale, mode='bilinear', align_corners=False), as ATen computes it (float32
+  weights of resample.bilinear_matrix given the scale)."""
+  rows, cols = (resample.bilinear_matrix(n, math.floor(n * scale), scale, np.float32)
+                for n in images.shape[1:3])
   return jnp.einsum("ih,bhwc,jw->bijc", rows, images, cols, precision=jax.lax.Precision.HIGHEST)
 
 
@@ -232,14 +218,12 @@ def evaluate_shapes(config: mlc.ConfigDict, backbone: nn.Module, models: dict[st
                     num_queries: int = 60, database_size: int = 600, multiscale: bool = False,
                     mesh: Mesh) -> dict[str, dict[str, float]]:
   """The embedded retrieval: num_queries query images against database_size database images of
-  config's shapes data (SHAPES_SPLITS), positives of the query's class.
+  config's shapes data (SHAPES_SPLITS), positives of the query's class. config.data.source is
+  'shapes' (the caller's check: eval_image_retrieval names the workdir and the way out).
 
   Returns {name: class_scores} for each of models ({name: backbone params}), plus 'pixels' (the
   cosine similarity of the raw normalised pixels) and 'chance' (random rankings, chance_scores).
   """
-  if config.data.source != "shapes":
-    raise ValueError(f"the embedded retrieval needs data.source 'shapes', not "
-                     f"{config.data.source!r}")
   local = features.local_batch_size(config.eval.batch_size, mesh)
   fn = feature_fn(backbone, MULTISCALE if multiscale else (1.0,), with_pixels=True)
   feats = []
@@ -258,10 +242,6 @@ def evaluate_shapes(config: mlc.ConfigDict, backbone: nn.Module, models: dict[st
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
   """{column: {'mAP': %, 'mP@1': %, ...}} -> a plain text table, one column per entry."""
-  names = list(results)
-  labels = {k: f"{k} (%)" for k in results[names[0]]}
-  width = max(len(v) for v in labels.values())
-  lines = [" " * width + "".join(f"  {n.replace('_', ' '):>12}" for n in names)]
-  lines += [label.ljust(width) + "".join(f"  {results[n][k]:>12.2f}" for n in names)
-            for k, label in labels.items()]
-  return "\n".join(lines)
+  first = next(iter(results.values()))
+  return tables.text_table(list(results), [(f"{k} (%)", [f"{r[k]:.2f}" for r in results.values()])
+                                           for k in first])

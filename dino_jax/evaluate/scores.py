@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 
 from dino_jax import sharding as sharding_lib
 from dino_jax.data import pipeline
-from dino_jax.evaluate import attention_maps, features, knn
+from dino_jax.evaluate import attention_maps, features, knn, tables
 
 
 def evaluate(config: mlc.ConfigDict, backbone: nn.Module, models: dict[str, Any], *,
@@ -110,7 +110,4 @@ def format_table(results: dict[str, dict[str, Any]], headline_k: int = 20) -> st
                        ("mass_on_object", "attention on object, best head"),
                        ("object_area", "object area (uniform attention)")):
       rows.append((label, [f"{results[n]['attention'][key]:.3f}" for n in names]))
-  width = max(len(r[0]) for r in rows)
-  lines = [" " * width + "".join(f"  {n.replace('_', ' '):>12}" for n in names)]
-  lines += [label.ljust(width) + "".join(f"  {v:>12}" for v in values) for label, values in rows]
-  return "\n".join(lines)
+  return tables.text_table(names, rows)

@@ -38,7 +38,7 @@ from jax.sharding import Mesh
 from matplotlib.figure import Figure
 
 from dino_jax import sharding as sharding_lib
-from dino_jax.data import davis, pipeline
+from dino_jax.data import davis, pipeline, resample
 from dino_jax.evaluate import davis_metrics, features, plots
 
 # The release's color_normalize for video frames: std 0.228 for red (ImageNet's is 0.229).
@@ -148,8 +148,8 @@ def soft_to_labels(segs: jax.Array, grid: tuple[int, int], patch_size: int) -> j
   (align_corners False), the release's norm_mask (a channel with a positive maximum is min-max
   scaled, so a constant positive channel turns NaN and, as torch.max, wins), argmax."""
   gh, gw = grid
-  rows = jnp.asarray(davis.bilinear_matrix(gh, gh * patch_size), jnp.float32)
-  cols = jnp.asarray(davis.bilinear_matrix(gw, gw * patch_size), jnp.float32)
+  rows = jnp.asarray(resample.bilinear_matrix(gh, gh * patch_size), jnp.float32)
+  cols = jnp.asarray(resample.bilinear_matrix(gw, gw * patch_size), jnp.float32)
 
   def one(seg):
     up = jnp.einsum("ah,hwc,bw->cab", rows, seg.reshape(gh, gw, -1), cols,

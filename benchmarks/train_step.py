@@ -4,9 +4,10 @@
       --config.batch_size=16 --config.model.arch=vit_tiny --config.model.dtype=float32 --steps 10
 
 Prints a table and, as its last line, one JSON object: images_per_sec, step_ms (median after
-warm-up), compile_s, flops_per_image (XLA cost analysis of the whole step), mfu (against
---peak_tflops when given), peak memory (device memory stats on GPU/TPU; process RSS on CPU) and the compiled
-step's temporary buffers (XLA memory analysis: activations kept for the backward pass and scratch).
+warm-up), compile_s, flops_per_image (XLA cost analysis of the whole step, its micro-batch loop
+counted grad_accum_steps times), mfu (against --peak_tflops when given), peak memory (device
+memory stats on GPU/TPU; process RSS on CPU) and the compiled step's temporary buffers (XLA
+memory analysis: activations kept for the backward pass and scratch).
 
 With --compile_only, each variant is compiled and not run: one JSON line each with its
 temporaries, e.g. the memory of the one-GPU folder config on a machine without one:
@@ -167,7 +168,10 @@ def main(argv):
   results = []
   for name, config in variants.items():
     step_s = float(np.median(times[name]))
-    b, flops = config.batch_size, xla[name]["flops"]
+    # XLA's cost analysis counts a loop body once: with grad_accum_steps A the micro-batch step
+    # runs A times. Scaling the whole step by A also counts the optimizer update A times, under
+    # 0.1 % of a ViT-S step's flops.
+    b, flops = config.batch_size, xla[name]["flops"] * config.grad_accum_steps
     results.append({
         "variant": name, "device": dev.device_kind, "devices": jax.device_count(),
         "arch": config.model.arch, "patch_size": config.model.patch_size,

@@ -1,10 +1,13 @@
 """Weighted k-NN evaluation of a workdir's teacher (or student) [CLS] features.
 
-  python -m dino_jax.eval_knn --workdir DIR [--nb_knn 10 20 100 200] [--temperature 0.07] \
-      [--which teacher|student] [--distributed | --coordinator_address HOST:PORT ...]
+  python -m dino_jax.eval_knn --workdir DIR [--data_path FOLDER] [--nb_knn 10 20 100 200] \
+      [--temperature 0.07] [--which teacher|student] [--distributed | --coordinator_address ...]
 
-Train split as the bank, eval split as the queries (config.data.*_split of the workdir's config);
-prints a table and writes DIR/eval/knn.json ({"top1": {"20": ..}, "top5": {..}}, percent), or
+Train split as the bank, eval split as the queries (config.data.*_split of the workdir's config):
+of the workdir's data, or with --data_path of another image folder, as the release's --data_path
+(FOLDER/train/<class>/* and FOLDER/val/<class>/*, with the same classes: the data.source 'folder'
+with data.path FOLDER, the workdir's evaluation transform; config.json is left as it is). Prints
+a table and writes DIR/eval/knn.json ({"top1": {"20": ..}, "top5": {..}}, percent), or
 DIR/eval/knn_student.json for --which student. On several processes (the launch flags of
 train.py) each extracts its share of the features; process 0 prints and writes.
 """
@@ -23,6 +26,8 @@ from dino_jax.evaluate import features, scores
 
 def _define_flags() -> None:
   flags.DEFINE_string("workdir", None, "A dino_jax workdir (train or import_torch wrote it).")
+  flags.DEFINE_string("data_path", None, "An image folder with train/ and val/ class folders, "
+                      "evaluated instead of the workdir's data.")
   flags.DEFINE_multi_integer("nb_knn", None, "k values, e.g. --nb_knn 10 20 100 200 (default: the "
                              "config's eval.nb_knn).")
   flags.DEFINE_float("temperature", None, "T of the weights exp(sim / T) (default: the config's "
@@ -47,6 +52,11 @@ def main(argv) -> None:
     sys.exit(f"eval_knn: unexpected arguments {extra}")
   try:
     config, backbone, params, step = features.load_backbone(f.workdir, f.which)
+    if f.data_path is not None:
+      if not os.path.isdir(f.data_path):
+        raise FileNotFoundError(f"--data_path {f.data_path!r}: no such directory")
+      with config.unlocked():
+        config.data.source, config.data.path = "folder", f.data_path
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"eval_knn: {e}")
   ks = (f.nb_knn or []) + _nb_knn_values(argv) or list(config.eval.nb_knn)
@@ -60,7 +70,7 @@ def main(argv) -> None:
   except (ValueError, FileNotFoundError) as e:  # e.g. a folder without the eval split
     sys.exit(f"eval_knn: {e}")
   if "knn" not in results[f.which]:
-    sys.exit(f"eval_knn: the data of {f.workdir} has no labels")
+    sys.exit(f"eval_knn: the data of {f.data_path or f.workdir} has no labels")
   if jax.process_index() != 0:
     return
   name = "knn.json" if f.which == "teacher" else "knn_student.json"

@@ -14,12 +14,12 @@ frames left out) go to DIR/eval/video_segmentation.json (video_segmentation_stud
 --which student): the DAVIS table's figures, 'per_object' and 'per_video'.
 
 Without --data_path, on a workdir whose data.source is 'shapes': the embedded version. Clips of
-moving, turning shapes (data/shapes_clips.py; --num_clips of --num_frames frames at the
-workdir's image size) are segmented by the trained network, by the same network at its random
-init, and by the trivial baseline (the first mask copied to every frame); DIR/eval/
-video_segmentation.json gets {"trained": .., "random_init": .., "baseline": ..} and DIR/eval/
-video_segmentation.png the masks over one clip. With --output, the trained network's ids are
-written as PNGs too.
+moving, turning shapes under changing light (data/shapes_clips.py; --num_clips of --num_frames
+frames at the workdir's image size; --nolighting: constant light) are segmented by the trained
+network, by the same network at its random init, and by the trivial baseline (the first mask
+copied to every frame); DIR/eval/video_segmentation.json gets {"trained": .., "random_init": ..,
+"baseline": ..} and DIR/eval/video_segmentation.png the masks over one clip. With --output, the
+trained network's ids are written as PNGs too.
 
 On several processes (the launch flags of train.py) each extracts its share of the features;
 process 0 prints and writes.
@@ -59,6 +59,8 @@ def _define_flags() -> None:
                        "(the longer one to a multiple of 64), as the release's read_frame.")
   flags.DEFINE_integer("num_clips", 24, "Embedded version: clips.")
   flags.DEFINE_integer("num_frames", 12, "Embedded version: frames per clip.")
+  flags.DEFINE_bool("lighting", True, "Embedded version: each frame's brightness and contrast "
+                    "change by the training's colour jitter (--nolighting: constant light).")
   cli.define_distributed_flags()
   flags.mark_flags_as_required(["workdir"])
 
@@ -112,7 +114,7 @@ def main(argv) -> None:
   if config.data.source != "shapes":
     sys.exit(f"eval_video_segmentation: give --data_path (the data of {f.workdir} is "
              f"{config.data.source!r}; the embedded clips need 'shapes')")
-  clips = shapes_clips.make_clips(config, f.num_clips, f.num_frames)
+  clips = shapes_clips.make_clips(config, f.num_clips, f.num_frames, f.lighting)
   models = {"trained": params, "random_init": features.random_init_backbone(config)}
   results, preds = vs.evaluate_clips(backbone, models, clips, options,
                                      batch_size=f.bs or config.eval.batch_size)
@@ -128,7 +130,8 @@ def main(argv) -> None:
     for clip, ids in zip(clips, preds["trained"]):
       vs.write_masks(f.output, clip["name"], [f"{t:05d}" for t in range(len(ids))], ids)
   print(f"video segmentation, embedded: {len(clips)} clips of {f.num_frames} frames, "
-        f"{sum(int(clip['masks'][0].max()) for clip in clips)} objects ({settings})")
+        f"{sum(int(clip['masks'][0].max()) for clip in clips)} objects, "
+        f"{'lighting changing each frame' if f.lighting else 'constant lighting'} ({settings})")
   print(davis_metrics.format_table(results))
 
 

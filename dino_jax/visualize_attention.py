@@ -1,7 +1,7 @@
 """Self-attention maps of the last block's [CLS] query on any image, one per head, with their masks.
 
   python -m dino_jax.visualize_attention --workdir DIR [--which teacher|student] \
-      --image IMG --output OUTDIR [--threshold 0.6] [--image_size 480]
+      --image IMG --output OUTDIR [--threshold 0.6] [--image_size 480,480]
   python -m dino_jax.visualize_attention --weights FILE.pth --arch vit_small --patch_size 8 \
       --image IMG --output OUTDIR
   python -m dino_jax.visualize_attention --workdir DIR --output OUTDIR [--threshold 0.6]
@@ -9,9 +9,12 @@
 --weights: a backbone state_dict (the release's published files), a MultiCropWrapper state_dict or
 the release's full checkpoint (its --which network), read by convert.importing.load_backbone
 in memory (no workdir is written). As the release: --image_size 480
-(one value) resizes the shorter side, two values give height and width (default 480 480); the
-image is then cut to a multiple of the patch size. OUTDIR gets img.png, attn-head{j}.png,
-mask_th{threshold}_head{j}.png and attention.png (the grid: image, each head's map, each mask).
+(one value) resizes the shorter side, two values give height and width; the image is then cut to
+a multiple of the patch size. The default is the release's 480 x 480 for patches of 8 px and
+more; for smaller patches MAX_GRID patches a side (the release's grid at patch 8): 240 x 240 at
+patch 4, where 480 would hold 14,400 tokens and a 6.6 GB attention matrix per block. OUTDIR gets
+img.png, attn-head{j}.png, mask_th{threshold}_head{j}.png and attention.png (the grid: image,
+each head's map, each mask).
 
 Without --image (a workdir whose data has object masks, as the embedded `shapes`): the eval split's
 Jaccard of each head's mask, the best head's and the head-mean map's with the object masks, and the
@@ -50,9 +53,20 @@ def _define_flags() -> None:
   flags.DEFINE_string("image", None, "Image file (without it: the eval split's object masks).")
   flags.DEFINE_string("output", None, "Directory for the PNG files.")
   flags.DEFINE_float("threshold", 0.6, "Share of each head's attention mass its mask keeps.")
-  flags.DEFINE_list("image_size", ["480", "480"], "One value: the shorter side; two: height,width.")
+  flags.DEFINE_list("image_size", None, "One value: the shorter side; two: height,width "
+                    "(default 480,480; MAX_GRID patches a side for patches under 8 px).")
   cli.define_distributed_flags()
   flags.mark_flags_as_required(["output"])
+
+
+MAX_GRID = 60  # the release's default: 480 px at patch 8
+
+
+def default_image_size(patch_size: int) -> list[int]:
+  """[height, width] when --image_size is not given: the release's 480 x 480, at most MAX_GRID
+  patches a side."""
+  side = min(480, MAX_GRID * patch_size)
+  return [side, side]
 
 
 def maps_for_image(backbone: VisionTransformer, params: Any, image: np.ndarray) -> np.ndarray:
@@ -101,8 +115,8 @@ def main(argv) -> None:
   if jax.process_index() != 0:
     return
   try:
-    size = [int(s) for s in f.image_size]
-    if len(size) not in (1, 2):
+    size = None if f.image_size is None else [int(s) for s in f.image_size]
+    if size is not None and len(size) not in (1, 2):
       raise ValueError(f"--image_size {f.image_size}: one or two values")
     if f.weights is not None:
       _, backbone, params = importing.load_backbone(f.weights, f.which, arch=f.arch,
@@ -112,6 +126,7 @@ def main(argv) -> None:
       _, backbone, params, step = features.load_backbone(f.workdir, f.which)
       source = f"{f.which} at step {step}"
     features.require_vit(backbone, "visualize_attention")
+    size = size or default_image_size(backbone.patch_size)
     image = attention_maps.load_image(f.image, size, backbone.patch_size)
   except (ValueError, FileNotFoundError, OSError) as e:
     sys.exit(f"visualize_attention: {e}")

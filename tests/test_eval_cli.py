@@ -84,6 +84,36 @@ def test_eval_knn_matches_brute_force(workdir):
     assert res["top5"][str(k)] == pytest.approx(100 * np.mean(top5))
 
 
+def test_eval_knn_on_another_folder(workdir, tmp_path):
+  """--data_path: the bank and the queries come from that folder's train/ and val/ (copies of
+  train images: 1-NN finds each one's own copy; filed under another class: none right), and the
+  workdir's config stays as it was."""
+  rng = np.random.default_rng(0)
+  classes = ["a", "b", "c"]
+  images = {c: [rng.integers(0, 256, (40, 48, 3), np.uint8) for _ in range(4)] for c in classes}
+  for root, shift in (("same", 0), ("swapped", 1)):
+    for i, c in enumerate(classes):
+      for split in ("train", "val"):
+        os.makedirs(tmp_path / root / split / c)
+      for j, img in enumerate(images[c]):
+        Image.fromarray(img).save(tmp_path / root / "train" / c / f"{j}.png")
+        # val/<class>/: copies of the train images of the class `shift` further on
+        Image.fromarray(images[classes[(i + shift) % 3]][j]).save(
+            tmp_path / root / "val" / c / f"{j}.png")
+  with open(os.path.join(workdir, "config.json")) as f:
+    before = f.read()
+  for root, want in (("same", 100.0), ("swapped", 0.0)):
+    cli("eval_knn", "--workdir", workdir, "--data_path", str(tmp_path / root), "--nb_knn", "1")
+    with open(os.path.join(workdir, "eval", "knn.json")) as f:
+      assert json.load(f)["top1"]["1"] == want
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert f.read() == before
+  missing = str(tmp_path / "nowhere")
+  r = subprocess.run([sys.executable, "-m", "dino_jax.eval_knn", "--workdir", workdir,
+                      "--data_path", missing], capture_output=True, text=True)
+  assert r.returncode != 0 and missing in r.stderr.strip().splitlines()[-1]
+
+
 def test_eval_linear_writes_json_and_checkpoints(workdir):
   out = cli("eval_linear", "--workdir", workdir)
   with open(os.path.join(workdir, "eval", "linear.json")) as f:
@@ -118,6 +148,11 @@ def test_visualize_attention_from_workdir_and_weights(workdir, tmp_path):
   level = np.abs(blocks[:, 0, :, 0, None] - lut).sum(-1).argmin(-1)  # (8, 8) colour index
   expected = np.minimum(np.floor((ref - ref.min()) / (ref.max() - ref.min()) * 256), 255)
   assert np.abs(level - expected).max() <= 1
+  # Without --image_size on this patch-4 network: 60 patches a side (240 px), not 480 px.
+  Image.fromarray(images[0]).resize((40, 30)).save(tmp_path / "wide.png")
+  out = cli("visualize_attention", "--workdir", workdir, "--image", str(tmp_path / "wide.png"),
+            "--output", str(tmp_path / "out1"))
+  assert "240x240 px" in out and "60x60 patch grid" in out
 
   # --weights: a backbone file in the release's key names (dino-reference.md), vit_tiny/16 shapes.
   import torch  # pylint: disable=g-import-not-at-top

@@ -330,3 +330,31 @@ def test_embedded_cli(workdir):  # noqa: F811
   assert res["baseline"]["J-Mean"] == pytest.approx(np.mean([x[0] for x in jf]), abs=1e-9)
   assert res["baseline"]["F-Mean"] == pytest.approx(np.mean([x[1] for x in jf]), abs=1e-9)
   assert Image.open(os.path.join(workdir, "eval", "video_segmentation.png")).size[0] > 300
+
+
+def test_clip_lighting_is_torchvisions_jitter(workdir):  # noqa: F811
+  """The clips' lighting is torchvision's adjust_brightness then adjust_contrast, by factors in
+  the training's colour jitter ranges, drawn per frame; the motion and the masks do not change."""
+  tf = pytest.importorskip("torchvision.transforms.functional")
+  torch = pytest.importorskip("torch")
+  frames = np.random.default_rng(0).uniform(0, 1, (6, 10, 10))
+  lit = shapes_clips._light(frames, np.random.default_rng(1), 0.4, 0.3)
+  rng = np.random.default_rng(1)  # the same draws: brightness factors, then contrast factors
+  b, c = rng.uniform(0.6, 1.4, 6), rng.uniform(0.7, 1.3, 6)
+  for t in range(6):
+    x = torch.tensor(np.repeat(frames[t][None], 3, 0))  # a gray RGB image, (3, H, W) in [0, 1]
+    want = tf.adjust_contrast(tf.adjust_brightness(x, b[t]), c[t])[0].numpy()
+    # (torchvision's grayscale weights sum to 0.9999: its mean is 1e-4 of a level lower)
+    np.testing.assert_allclose(lit[t], want, atol=1e-4)
+
+  config = checkpoint.load_config(workdir)
+  constant = shapes_clips.make_clips(config, 3, 6, lighting=False)
+  changing = shapes_clips.make_clips(config, 3, 6)
+  for a, b in zip(constant, changing):
+    np.testing.assert_array_equal(a["masks"], b["masks"])
+    obj = a["masks"] > 0
+    # Constant light: the object's mean level moves only with noise and edge pixels; changing
+    # light: by far more.
+    levels = [np.array([f[..., 0][m].mean() for f, m in zip(x["frames"], obj)])
+              for x in (a, b)]
+    assert np.ptp(levels[1]) > 4 * np.ptp(levels[0])

@@ -7,10 +7,16 @@ config's `shapes` source draws a record), rendered by ShapesSource.coverage; fro
 its centre moves by a constant velocity and its angle turns by a constant step, bouncing off the
 image border so that the whole object stays inside. Object and background take the config's gray
 levels (data.shapes_fg_range / shapes_bg_range / shapes_polarity: what the network trained on),
-with fresh pixel noise each frame. In two-object clips both objects share one gray level (only
-their motion tells them apart), their areas lie in (low / 2, low), low the lower end of
-data.shapes_area (two objects of the full range do not fit side by side in 32 px), they start
-apart, and object 2 passes in front of object 1.
+and the lighting changes from frame to frame: each frame's brightness and contrast are scaled
+by factors drawn anew, uniform in [1 - b, 1 + b] and [1 - c, 1 + c], with b and c the training's
+colour jitter (config.aug.brightness, aug.contrast; torchvision's adjust_brightness, then
+adjust_contrast about the frame's mean), before fresh pixel noise. Real videos change in
+appearance as they go (DAVIS: lighting, exposure, blur); a flat-gray clip under constant light
+would be propagated by gray level and position alone, which random features keep as well as
+trained ones (docs/notes/evaluation.md). `lighting=False` gives those constant-light clips.
+In two-object clips both objects share one gray level (only their motion tells them apart), their
+areas lie in (low / 2, low), low the lower end of data.shapes_area (two objects of the full range
+do not fit side by side in 32 px), they start apart, and object 2 passes in front of object 1.
 
 Shapes: T frames, S = data.shapes_image_size.
 """
@@ -31,14 +37,14 @@ SPEED = (0.5, 1.25)  # px per frame
 TURN = (0.03, 0.12)  # radians per frame, either sense
 
 
-def make_clips(config: mlc.ConfigDict, num_clips: int = 24, num_frames: int = 12
-               ) -> list[dict[str, Any]]:
+def make_clips(config: mlc.ConfigDict, num_clips: int = 24, num_frames: int = 12,
+               lighting: bool = True) -> list[dict[str, Any]]:
   """The clips of a config whose data.source is 'shapes', from data.shapes_seed.
 
   Clips come in runs of num_classes: one object, then two, then one, ...; the objects' records
   are taken in order, so a run of one-object clips shows every class once. Returns
   [{'name': 'clip00', 'frames': uint8 (T, S, S, 3), 'masks': uint8 (T, S, S) (0 background, 1, 2
-  the objects)}].
+  the objects)}]. lighting: whether the frames' brightness and contrast change (above).
   """
   cfg = config.copy_and_resolve_references()
   cfg.data.shapes_eval_size = num_clips * 2  # every object its own record's draws
@@ -61,7 +67,10 @@ def make_clips(config: mlc.ConfigDict, num_clips: int = 24, num_frames: int = 12
     covs = _track(objects, rng, canvas, margin, s, num_frames)  # (K, T, S, S)
     fg, bg = objects[0]["fg"], objects[0]["bg"]
     union = 1 - np.prod(1 - covs, axis=0)
-    gray = bg + (fg - bg) * union + rng.normal(0, source.noise, union.shape)
+    gray = bg + (fg - bg) * union  # (T, S, S)
+    if lighting:
+      gray = _light(gray, rng, cfg.aug.brightness, cfg.aug.contrast)
+    gray = gray + rng.normal(0, source.noise, union.shape)
     gray = np.round(np.clip(gray, 0, 1) * 255).astype(np.uint8)
     masks = np.zeros((num_frames, s, s), np.uint8)
     for k, cov in enumerate(covs):  # later objects in front
@@ -69,6 +78,18 @@ def make_clips(config: mlc.ConfigDict, num_clips: int = 24, num_frames: int = 12
     clips.append({"name": f"clip{c:02d}", "frames": np.repeat(gray[..., None], 3, -1),
                   "masks": masks})
   return clips
+
+
+def _light(frames: np.ndarray, rng: np.random.Generator, brightness: float, contrast: float
+           ) -> np.ndarray:
+  """Frames (T, S, S) in [0, 1], each under its own light: x * b clipped to [0, 1] (b uniform in
+  [1 - brightness, 1 + brightness]), then (x - mean(x)) * c + mean(x) clipped (c likewise)."""
+  t = len(frames)
+  b = rng.uniform(1 - brightness, 1 + brightness, t)[:, None, None]
+  c = rng.uniform(1 - contrast, 1 + contrast, t)[:, None, None]
+  x = np.clip(frames * b, 0, 1)
+  mean = x.mean(axis=(1, 2), keepdims=True)
+  return np.clip((x - mean) * c + mean, 0, 1)
 
 
 def _coverage(p: dict[str, Any], canvas: ShapesSource, margin: int, s: int

@@ -83,5 +83,6 @@ def get_config(arg: str | None = None):
   c.momentum_teacher = 0.999
   c.model.dtype = "bfloat16"  # fp32's range, no loss scaling (the release: fp16 + a scaler)
   c.checkpoint_every_steps = 2000
-  c.eval.after_training = True  # k-NN on DIR/val when it has class folders, else skipped
+  # k-NN on DIR/val when it has class folders; else the attention maps of the first images
+  c.eval.after_training = True
   return c

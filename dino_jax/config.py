@@ -141,6 +141,10 @@ def base_config() -> mlc.ConfigDict:
   c.eval.attention_threshold = 0.6
   c.eval.attention_images = 8
   c.eval.compare_random_init = False  # also evaluate the same network at random init
+  # False: no scores; the closing evaluation draws the teacher's attention maps of the first
+  # attention_images images only (eval split, else train split). Set (with every_steps=0) for a
+  # folder without labelled train and eval splits, where k-NN cannot run.
+  c.eval.knn = True
   # k-NN (and attention, where the data has object masks) of the teacher every N steps during
   # training, into eval/progress.jsonl and TensorBoard; 0: off. Its time is not counted in images/s.
   c.eval.every_steps = 0

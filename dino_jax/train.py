@@ -250,7 +250,7 @@ def train_and_evaluate(config, workdir: str) -> state_lib.TrainState:
   else:
     start_step = 0
     state = jax.jit(init, out_shardings=state_sh)(init_rng)
-    if config.eval.after_training and config.eval.compare_random_init:
+    if config.eval.after_training and config.eval.knn and config.eval.compare_random_init:
       replicate = jax.jit(lambda p: p, out_shardings=repl)  # readable on every process
       random_init = jax.device_get(replicate(
           features.evaluation_params(state.params, state.batch_stats)))

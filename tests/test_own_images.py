@@ -17,9 +17,13 @@ import runs
 from helpers import tiny_flags
 from PIL import Image
 
+from dino_jax import checkpoint
 from dino_jax import config as config_lib
 from dino_jax import diagnostics
 from dino_jax.data import pipeline
+from dino_jax.data.augment import normalize
+from dino_jax.evaluate import plots
+from dino_jax.models import build_models
 
 FOLDER_CONFIG = os.path.join(runs.REPO, "configs/vit_small_folder.py")
 
@@ -81,16 +85,17 @@ def default_on(path) -> mlc.ConfigDict:
 ])
 def test_resolve_moves_crops_to_the_host_and_keeps_evaluation_only_with_labels(
     folders, caplog, layout, evaluates, reason):
-  """The main job's config on a folder: crops on the host, one logged line; the evaluations kept
-  for train/ and val/ class folders, else turned off with one logged line naming why; a second
-  resolve changes and logs nothing; validate then passes."""
+  """The main job's config on a folder: crops on the host, one logged line; k-NN kept for train/
+  and val/ class folders, else turned off with one logged line naming why (the closing
+  evaluation stays, for the attention picture); a second resolve changes and logs nothing;
+  validate then passes."""
   config = default_on(folders / layout)
   with caplog.at_level(logging.INFO, logger="absl"):
     pipeline.resolve(config)
   lines = [r.getMessage() for r in caplog.records]
   assert config.aug.crops_on_device is False
   assert sum("crops are made on the host" in line for line in lines) == 1, lines
-  assert config.eval.after_training is evaluates
+  assert config.eval.knn is evaluates and config.eval.after_training
   skipped = [line for line in lines if "no k-NN evaluation" in line]
   assert len(skipped) == (0 if evaluates else 1), lines
   if reason:
@@ -133,10 +138,11 @@ def train(config_path, workdir, *flags, devices=1):
 
 
 def test_main_job_trains_on_a_flat_folder_of_mixed_sizes(folders, tmp_path):
-  """The README's command on a flat folder: it trains (crops on the host, the closing evaluation
-  skipped, each said in one line), the two undecodable files are skipped and logged, and the
-  logged steps are finite; eval_knn on the workdir then fails in one line naming the missing
-  val/ folder."""
+  """The README's command on a flat folder: it trains (crops on the host, k-NN skipped, each said
+  in one line), the two undecodable files are skipped and logged, the logged steps are finite,
+  and the closing evaluation draws the attention maps of the first training images (as the
+  evaluation transform gives them, the heads' maps computed here independently); eval_knn on the
+  workdir then fails in one line naming the missing val/ folder."""
   proc = train(runs.DEFAULT_CONFIG, tmp_path, "--config.data.source=folder",
                f"--config.data.path={folders / 'flat'}", "--config.total_steps=2",
                "--config.log_every_steps=1", "--config.checkpoint_every_steps=2")
@@ -153,7 +159,20 @@ def test_main_job_trains_on_a_flat_folder_of_mixed_sizes(folders, tmp_path):
   assert not os.path.exists(tmp_path / "eval" / "knn.json")
   with open(tmp_path / "config.json") as f:
     saved = json.load(f)
-  assert saved["aug"]["crops_on_device"] is False and saved["eval"]["after_training"] is False
+  assert saved["aug"]["crops_on_device"] is False and saved["eval"]["knn"] is False
+  n = saved["eval"]["attention_images"]
+  assert f"over the first {n} images of 'train'" in proc.stderr
+  # The same picture from the teacher's last-block attention, computed here by the ViT's apply.
+  config, params, _, _ = checkpoint.restore_network(str(tmp_path))
+  vit = build_models(config)[1].backbone
+  images = next(iter(pipeline.eval_batches(config, "train", n)))["image"]
+  attn = vit.apply({"params": params["backbone"]}, normalize(images),
+                   method="get_last_selfattention")
+  g = images.shape[1] // vit.patch_size
+  maps = np.asarray(attn)[:, :, 0, 1:].reshape(n, -1, g, g)
+  plots.plot_grid(tmp_path / "want.png", images, maps, vit.patch_size, 0.6)
+  want = np.asarray(Image.open(tmp_path / "want.png"))
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "eval" / "attention.png")), want)
   # eval_knn on that workdir says in one line why it cannot run.
   proc = subprocess.run([sys.executable, "-m", "dino_jax.eval_knn", "--workdir", str(tmp_path)],
                         env=runs.env(1), cwd=runs.REPO, capture_output=True, text=True,

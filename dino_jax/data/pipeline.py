@@ -136,9 +136,11 @@ def resolve(config: mlc.ConfigDict) -> None:
 
   - aug.crops_on_device for every source but `shapes` (a folder's or TFDS's images may differ in
     size, and a batch cropped on the device needs one size): the crops are made on the host;
-  - the trainer's evaluations (eval.after_training, eval.every_steps) for a folder without a
-    labelled eval split (no data.path/<eval_split>, or no class folders in it or in the training
-    split): k-NN needs labels on both sides, and a folder has no object masks.
+  - k-NN (eval.knn) and the evaluation during training (eval.every_steps) for a folder without
+    a labelled eval split (no data.path/<eval_split>, or no class folders in it or in the
+    training split): k-NN needs labels on both sides, and a folder has no object masks. The
+    closing evaluation (eval.after_training) then draws the teacher's attention maps only
+    (evaluate/report.py).
 
   Run before validate; calling it again changes nothing. Raises as make_source for a missing
   or empty folder.
@@ -149,16 +151,17 @@ def resolve(config: mlc.ConfigDict) -> None:
                  config.data.source)
     config.aug.crops_on_device = False
   e = config.eval
-  why = _no_labelled_eval_split(config) if e.after_training or e.every_steps else None
+  why = no_labelled_eval_split(config) if e.knn and (e.after_training or e.every_steps) else None
   if why:
-    logging.warning("%s: no k-NN evaluation during or after training (eval.after_training and "
-                    "eval.every_steps turned off). For attention maps of your images: python -m "
-                    "dino_jax.visualize_attention --workdir WORKDIR --image IMAGE --output DIR",
-                    why)
-    e.after_training, e.every_steps = False, 0
+    logging.warning("%s: no k-NN evaluation during or after training (eval.knn and "
+                    "eval.every_steps turned off)%s", why,
+                    "; after training, the teacher's attention maps of the first "
+                    f"{e.attention_images} images go to WORKDIR/eval/attention.png"
+                    if e.after_training else "")
+    e.knn, e.every_steps = False, 0
 
 
-def _no_labelled_eval_split(config: mlc.ConfigDict) -> str | None:
+def no_labelled_eval_split(config: mlc.ConfigDict) -> str | None:
   """Why a folder source has no split to score k-NN on, or None (other sources: None)."""
   d = config.data
   if d.source != "folder":
@@ -187,14 +190,13 @@ def validate(config: mlc.ConfigDict) -> None:
   if len(source) < config.batch_size:
     raise ValueError(f"{source!r}: {len(source)} training images, fewer than one global batch "
                      f"(config.batch_size={config.batch_size})")
-  if config.eval.after_training or config.eval.every_steps:
+  if config.eval.knn and (config.eval.after_training or config.eval.every_steps):
     queries = make_source(config, config.data.eval_split)
     if config.data.source == "folder" and source.classes != queries.classes:
       differ = sorted(set(source.classes) ^ set(queries.classes))[:3]
       raise ValueError(f"{source!r} and {queries!r}: different class folders (e.g. "
                        f"{', '.join(differ)}), so k-NN would compare unrelated labels; give both "
-                       "splits the same class folders or set config.eval.after_training=False "
-                       "and config.eval.every_steps=0")
+                       "splits the same class folders or set config.eval.knn=False")
 
 
 def _train_min_side(config: mlc.ConfigDict) -> int:

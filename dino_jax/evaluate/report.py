@@ -10,8 +10,10 @@ checkpoint and, with config.eval.compare_random_init, the same architecture at i
   "jaccard_head_mean", "per_head", "mass_on_object" (best head), "object_area",
   "jaccard_mean_map" (the head-averaged map's mask), "random_init": {..}} and eval/attention.png
   (the first config.eval.attention_images eval images);
-and logs the table. `during_training(...)` (config.eval.every_steps) appends a row to
-eval/progress.jsonl, redraws eval/progress.png and writes TensorBoard scalars eval/....
+and logs the table. With config.eval.knn False (a folder without labels): eval/attention.png of
+the first images only, no scores (`attention_picture`). `during_training(...)`
+(config.eval.every_steps) appends a row to eval/progress.jsonl, redraws eval/progress.png and
+writes TensorBoard scalars eval/....
 """
 from __future__ import annotations
 
@@ -20,13 +22,15 @@ from typing import Any
 
 import jax
 import ml_collections as mlc
+import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
 from dino_jax import metrics
 from dino_jax import paths
 from dino_jax import sharding as sharding_lib
-from dino_jax.evaluate import features, plots, scores
+from dino_jax.data import pipeline, sources
+from dino_jax.evaluate import attention_maps, features, plots, scores
 
 
 def run(config: mlc.ConfigDict, workdir: str, random_init: Any = None
@@ -41,6 +45,9 @@ def run(config: mlc.ConfigDict, workdir: str, random_init: Any = None
   e = config.eval
   mesh = sharding_lib.make_mesh()
   _, backbone, params, step = features.load_backbone(workdir, "teacher")
+  if not e.knn:
+    attention_picture(config, backbone, params, step, paths.path(workdir) / "eval")
+    return {}
   models = {"trained": params}
   if e.compare_random_init:
     models["random_init"] = (features.random_init_backbone(config) if random_init is None
@@ -71,6 +78,30 @@ def run(config: mlc.ConfigDict, workdir: str, random_init: Any = None
   return results
 
 
+def attention_picture(config: mlc.ConfigDict, backbone: Any, params: Any, step: int,
+                      out_dir: Any) -> None:
+  """out_dir/attention.png: the [CLS] attention maps of each head and their masks over the first
+  config.eval.attention_images images of the eval split (the training split where there is
+  none), as the evaluation transform gives them; nothing for a network without attention."""
+  if not features.has_attention(backbone):
+    logging.info("no attention maps to draw for a %s", backbone.arch)
+    return
+  split = config.data.eval_split
+  try:
+    sources.make_source(config, split)
+  except FileNotFoundError:
+    split = config.data.train_split
+  batch = next(iter(pipeline.eval_batches(config, split, config.eval.attention_images)))
+  images = batch["image"][batch["valid"]]
+  maps = np.asarray(jax.jit(attention_maps.cls_attention, static_argnums=0)(
+      backbone, params, images))
+  if jax.process_index() == 0:
+    plots.plot_grid(out_dir / "attention.png", images, maps, backbone.patch_size,
+                    config.eval.attention_threshold)
+  logging.info("attention maps of the teacher at step %d over the first %d images of %r: %s",
+               step, len(images), split, out_dir / "attention.png")
+
+
 def during_training(config: mlc.ConfigDict, teacher_backbone: Any, step: int, mesh: Mesh,
                     writer: metrics.Writer) -> None:
   """The teacher's k-NN top-1 (and attention scores, where the data has object masks) at this
@@ -79,7 +110,8 @@ def during_training(config: mlc.ConfigDict, teacher_backbone: Any, step: int, me
   eval/..., and a log line."""
   e = config.eval
   results, _ = scores.evaluate(config, features.evaluation_backbone(config),
-                               {"teacher": teacher_backbone}, ks=e.nb_knn,
+                               {"teacher": teacher_backbone},
+                               ks=e.nb_knn if e.knn else None,
                                temperature=e.knn_temperature, mesh=mesh)
   res = results["teacher"]
   row = {"step": step}

@@ -40,6 +40,23 @@ def define_distributed_flags() -> None:
   flags.DEFINE_integer("process_id", None, "This process's index in that launch.")
 
 
+def define_data_path_flag() -> None:
+  """--data_path of eval_knn and eval_linear (the release's): another labelled image folder."""
+  flags.DEFINE_string("data_path", None, "An image folder with train/ and val/ class folders, "
+                      "evaluated instead of the workdir's data.")
+
+
+def use_data_path(config, path: str | None) -> None:
+  """config's data, in place, as the folder at `path` (data.source 'folder', data.path), unless
+  path is None; raises FileNotFoundError naming a path that is not a directory."""
+  if path is None:
+    return
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"--data_path {path!r}: no such directory")
+  with config.unlocked():
+    config.data.source, config.data.path = "folder", path
+
+
 def initialize_distributed() -> None:
   """jax.distributed.initialize as the flags of define_distributed_flags ask (else nothing)."""
   f = flags.FLAGS

@@ -26,8 +26,7 @@ from dino_jax.evaluate import features, scores
 
 def _define_flags() -> None:
   flags.DEFINE_string("workdir", None, "A dino_jax workdir (train or import_torch wrote it).")
-  flags.DEFINE_string("data_path", None, "An image folder with train/ and val/ class folders, "
-                      "evaluated instead of the workdir's data.")
+  cli.define_data_path_flag()
   flags.DEFINE_multi_integer("nb_knn", None, "k values, e.g. --nb_knn 10 20 100 200 (default: the "
                              "config's eval.nb_knn).")
   flags.DEFINE_float("temperature", None, "T of the weights exp(sim / T) (default: the config's "
@@ -52,11 +51,7 @@ def main(argv) -> None:
     sys.exit(f"eval_knn: unexpected arguments {extra}")
   try:
     config, backbone, params, step = features.load_backbone(f.workdir, f.which)
-    if f.data_path is not None:
-      if not os.path.isdir(f.data_path):
-        raise FileNotFoundError(f"--data_path {f.data_path!r}: no such directory")
-      with config.unlocked():
-        config.data.source, config.data.path = "folder", f.data_path
+    cli.use_data_path(config, f.data_path)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"eval_knn: {e}")
   ks = (f.nb_knn or []) + _nb_knn_values(argv) or list(config.eval.nb_knn)

@@ -1,13 +1,17 @@
 """Linear probe of a workdir's frozen teacher (or student), the release's protocol.
 
-  python -m dino_jax.eval_linear --workdir DIR [--which teacher|student] [--epochs 100] \
-      [--lr 0.001] [--batch_size 1024] [--n_last_blocks 4] [--avgpool_patchtokens] \
-      [--distributed | --coordinator_address HOST:PORT ...]
+  python -m dino_jax.eval_linear --workdir DIR [--data_path FOLDER] [--which teacher|student] \
+      [--epochs 100] [--lr 0.001] [--batch_size 1024] [--n_last_blocks 4] \
+      [--avgpool_patchtokens] [--distributed | --coordinator_address HOST:PORT ...]
 
-Settings default to the workdir config's eval.linear_* keys (dino_jax.evaluate.linear).
+Settings default to the workdir config's eval.linear_* keys (dino_jax.evaluate.linear). The
+workdir's data, or with --data_path another image folder (FOLDER/train/<class>/,
+FOLDER/val/<class>/, as the release's --data_path; config.json is left as it is).
 Checkpoints go to DIR/eval/linear_checkpoints_<which>/ after every epoch; rerunning the command
-resumes. Prints a table and writes DIR/eval/linear.json ({"top1", "top5", "best_top1",
-"per_epoch": [..], "which", "step"}), or DIR/eval/linear_student.json for --which student.
+resumes, if its settings (data, lr, batch size, epochs, blocks) are those of the checkpoints:
+otherwise it stops naming what differs. Prints a table and writes DIR/eval/linear.json ({"top1",
+"top5", "best_top1", "per_epoch": [..], "which", "step"}), or DIR/eval/linear_student.json for
+--which student.
 On several processes (the launch flags of train.py) each feeds its share of every batch;
 process 0 prints and writes.
 """
@@ -30,6 +34,7 @@ OVERRIDES = {"epochs": "linear_epochs", "lr": "linear_lr", "batch_size": "linear
 
 def _define_flags() -> None:
   flags.DEFINE_string("workdir", None, "A dino_jax workdir (train or import_torch wrote it).")
+  cli.define_data_path_flag()
   flags.DEFINE_enum("which", "teacher", ["teacher", "student"], "Network to probe.")
   flags.DEFINE_integer("epochs", None, "Training epochs (default eval.linear_epochs, 100).")
   flags.DEFINE_float("lr", None, "Base lr for a batch of 256, scaled linearly (default "
@@ -50,6 +55,7 @@ def main(argv) -> None:
   f = flags.FLAGS
   try:
     config = checkpoint.load_config(f.workdir)
+    cli.use_data_path(config, f.data_path)
     with config.unlocked():
       for flag, key in OVERRIDES.items():
         if f[flag].value is not None:

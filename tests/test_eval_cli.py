@@ -3,6 +3,7 @@ eval_linear (and its resume), visualize_attention (--workdir and --weights), and
 report (report.run), each checked against a computation that bypasses the code under test."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -84,22 +85,27 @@ def test_eval_knn_matches_brute_force(workdir):
     assert res["top5"][str(k)] == pytest.approx(100 * np.mean(top5))
 
 
+def copies_folders(root):
+  """root/same and root/swapped: train/<a|b|c>/ of 4 noise images each; val/ the same images,
+  under their own class (same) or the next one (swapped)."""
+  rng = np.random.default_rng(0)
+  classes = ["a", "b", "c"]
+  images = {c: [rng.integers(0, 256, (40, 48, 3), np.uint8) for _ in range(4)] for c in classes}
+  for name, shift in (("same", 0), ("swapped", 1)):
+    for i, c in enumerate(classes):
+      for split in ("train", "val"):
+        os.makedirs(root / name / split / c)
+      for j, img in enumerate(images[c]):
+        Image.fromarray(img).save(root / name / "train" / c / f"{j}.png")
+        Image.fromarray(images[classes[(i + shift) % 3]][j]).save(
+            root / name / "val" / c / f"{j}.png")
+
+
 def test_eval_knn_on_another_folder(workdir, tmp_path):
   """--data_path: the bank and the queries come from that folder's train/ and val/ (copies of
   train images: 1-NN finds each one's own copy; filed under another class: none right), and the
   workdir's config stays as it was."""
-  rng = np.random.default_rng(0)
-  classes = ["a", "b", "c"]
-  images = {c: [rng.integers(0, 256, (40, 48, 3), np.uint8) for _ in range(4)] for c in classes}
-  for root, shift in (("same", 0), ("swapped", 1)):
-    for i, c in enumerate(classes):
-      for split in ("train", "val"):
-        os.makedirs(tmp_path / root / split / c)
-      for j, img in enumerate(images[c]):
-        Image.fromarray(img).save(tmp_path / root / "train" / c / f"{j}.png")
-        # val/<class>/: copies of the train images of the class `shift` further on
-        Image.fromarray(images[classes[(i + shift) % 3]][j]).save(
-            tmp_path / root / "val" / c / f"{j}.png")
+  copies_folders(tmp_path)
   with open(os.path.join(workdir, "config.json")) as f:
     before = f.read()
   for root, want in (("same", 100.0), ("swapped", 0.0)):
@@ -123,6 +129,23 @@ def test_eval_linear_writes_json_and_checkpoints(workdir):
   assert res["top1"] == res["per_epoch"][-1]["top1"] and 0 <= res["top5"] <= 100
   assert os.path.isdir(os.path.join(workdir, "eval", "linear_checkpoints_teacher", "2"))
   assert "top-1" in out
+
+
+def test_eval_linear_on_another_folder_and_its_resume(workdir, tmp_path):
+  """--data_path probes that folder's classes; a rerun on the workdir's own data does not resume
+  that probe: it stops naming the data, and the probe's checkpoints stay."""
+  wd = str(tmp_path / "wd")
+  shutil.copytree(workdir, wd, ignore=shutil.ignore_patterns("eval"))
+  copies_folders(tmp_path)
+  cli("eval_linear", "--workdir", wd, "--data_path", str(tmp_path / "same"))
+  with open(os.path.join(wd, "eval", "linear.json")) as f:
+    res = json.load(f)
+  assert len(res["per_epoch"]) == 2 and 0 <= res["top1"] <= 100
+  r = subprocess.run([sys.executable, "-m", "dino_jax.eval_linear", "--workdir", wd],
+                     capture_output=True, text=True, timeout=300)
+  last = r.stderr.strip().splitlines()[-1]
+  assert r.returncode != 0 and "other settings" in last and "'folder', now 'shapes'" in last
+  assert os.path.isdir(os.path.join(wd, "eval", "linear_checkpoints_teacher", "2"))
 
 
 def test_visualize_attention_from_workdir_and_weights(workdir, tmp_path):

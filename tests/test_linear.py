@@ -27,7 +27,8 @@ def batches_of(x, y, batch_size, order=None):
            "valid": np.arange(batch_size) < len(idx)}
 
 
-def run_probe(x, y, xt, yt, epochs, ckpt_dir=None, fail_at=None, batch_size=16, seen=None):
+def run_probe(x, y, xt, yt, epochs, ckpt_dir=None, fail_at=None, batch_size=16, seen=None,
+              base_lr=0.05, settings=None):
   def train_batches(epoch):
     if seen is not None:
       seen.append(epoch)
@@ -38,7 +39,8 @@ def run_probe(x, y, xt, yt, epochs, ckpt_dir=None, fail_at=None, batch_size=16, 
   return linear.train(lambda p, images: images, {}, num_features=x.shape[1], num_labels=4,
                       train_batches=train_batches, eval_batches=lambda: batches_of(xt, yt, 16),
                       epochs=epochs, steps_per_epoch=-(-len(x) // batch_size),
-                      batch_size=batch_size, base_lr=0.05, ckpt_dir=ckpt_dir)
+                      batch_size=batch_size, base_lr=base_lr, ckpt_dir=ckpt_dir,
+                      settings=settings)
 
 
 def test_separable_set_reaches_100_percent():
@@ -63,6 +65,24 @@ def test_resumes_where_it_stopped(tmp_path):
   assert seen == [2, 3] and len(resumed["per_epoch"]) == 4
   for a, b in zip(full["per_epoch"], resumed["per_epoch"]):
     assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_resumes_only_with_the_same_settings(tmp_path):
+  """A rerun with another lr, or other settings of the caller's, stops naming what differs and
+  keeps the checkpoints: the same settings then resume after the last saved epoch."""
+  rng = np.random.default_rng(2)
+  x, y = separable(50, rng)
+  xt, yt = separable(16, rng)
+  data = {"data.path": "/a"}
+  with pytest.raises(KeyboardInterrupt):
+    run_probe(x, y, xt, yt, epochs=4, ckpt_dir=str(tmp_path), fail_at=2, settings=data)
+  with pytest.raises(ValueError, match=r"base_lr 0\.05, now 0\.1"):
+    run_probe(x, y, xt, yt, epochs=4, ckpt_dir=str(tmp_path), base_lr=0.1, settings=data)
+  with pytest.raises(ValueError, match=str(tmp_path) + r".*data.path '/a', now '/b'"):
+    run_probe(x, y, xt, yt, epochs=4, ckpt_dir=str(tmp_path), settings={"data.path": "/b"})
+  seen = []
+  resumed = run_probe(x, y, xt, yt, epochs=4, ckpt_dir=str(tmp_path), seen=seen, settings=data)
+  assert seen == [2, 3] and len(resumed["per_epoch"]) == 4
 
 
 def test_optimizer_is_torch_sgd_with_per_epoch_cosine():

@@ -18,6 +18,7 @@ Shapes: B batch, F = D x (n_last_blocks + avgpool) features, C classes.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 from typing import Any, Callable, Iterable
@@ -110,7 +111,7 @@ def train(featurize: Callable[[Any, jax.Array], jax.Array], backbone_params: Any
           num_features: int, num_labels: int, train_batches: Callable[[int], Batches],
           eval_batches: Callable[[], Batches], epochs: int, steps_per_epoch: int, batch_size: int,
           base_lr: float = 0.001, mesh=None, ckpt_dir: str | None = None, seed: int = 0,
-          val_freq: int = 1) -> dict[str, Any]:
+          val_freq: int = 1, settings: dict[str, Any] | None = None) -> dict[str, Any]:
   """Trains a linear classifier on featurize(backbone_params, images), frozen.
 
   Args:
@@ -120,6 +121,9 @@ def train(featurize: Callable[[Any, jax.Array], jax.Array], backbone_params: Any
     eval_batches: () -> the eval split's batches.
     batch_size: the global batch, for the lr scaling.
     ckpt_dir: with it, the state and history are saved after every epoch and a rerun resumes.
+    settings: what else defines the probe (data, network, features: JSON values), saved with
+      it; a rerun resumes only a probe of the same settings, lr, batch size, epochs and widths,
+      and otherwise raises naming what differs (its checkpoints are kept).
     val_freq: evaluate every this many epochs (and after the last).
   Returns:
     {'top1', 'top5' (last evaluation), 'best_top1', 'per_epoch': [{'epoch', 'loss', 'lr',
@@ -136,13 +140,29 @@ def train(featurize: Callable[[Any, jax.Array], jax.Array], backbone_params: Any
 
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
                           jax.eval_shape(init, seed))
+  settings = {**(settings or {}), "base_lr": base_lr, "batch_size": batch_size, "epochs": epochs,
+              "steps_per_epoch": steps_per_epoch, "num_features": num_features,
+              "num_labels": num_labels, "seed": seed}
+  settings = json.loads(json.dumps(settings))  # as the checkpoint reads it back (tuples: lists)
   mngr = None if ckpt_dir is None else checkpoint.probe_manager(ckpt_dir)
   start, history = 0, []
   if mngr is not None and mngr.latest_step() is not None:
     start = mngr.latest_step()
-    restored = mngr.restore(start, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), history=ocp.args.JsonRestore()))
-    state, history = restored["state"], list(restored["history"])
+    saved = mngr.restore(start, args=ocp.args.Composite(history=ocp.args.JsonRestore()))[
+        "history"]  # first: other settings may mean other shapes
+    if isinstance(saved, dict):  # {'settings', 'per_epoch'}; a bare list: no settings saved
+      differ = {k: (saved["settings"].get(k), v) for k, v in settings.items()
+                if saved["settings"].get(k) != v}
+      if differ:
+        mngr.close()
+        raise ValueError(
+            f"the linear probe checkpoints in {ckpt_dir} were made with other settings ("
+            + ", ".join(f"{k} {a!r}, now {b!r}" for k, (a, b) in differ.items())
+            + "): rerun with those, or delete the folder to start a new probe")
+      saved = saved["per_epoch"]
+    state = mngr.restore(start, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))["state"]
+    history = list(saved)
     logging.info("linear probe: resumed after epoch %d from %s", start, ckpt_dir)
   else:
     state = jax.jit(init, static_argnums=0, out_shardings=repl)(seed)
@@ -168,8 +188,9 @@ def train(featurize: Callable[[Any, jax.Array], jax.Array], backbone_params: Any
       history.append(row)
       logging.info("linear probe epoch %d/%d: %s", epoch + 1, epochs, row)
       if mngr is not None:
-        mngr.save(epoch + 1, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     history=ocp.args.JsonSave(history)))
+        mngr.save(epoch + 1, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            history=ocp.args.JsonSave({"settings": settings, "per_epoch": history})))
   finally:  # an interrupted run still completes the epoch checkpoint in flight
     if mngr is not None:
       mngr.wait_until_finished()
@@ -218,7 +239,10 @@ def run(config: mlc.ConfigDict, workdir: str, which: str = "teacher") -> dict[st
       epochs=epochs, steps_per_epoch=math.ceil(len(source) / batch_size), batch_size=batch_size,
       base_lr=e.linear_lr, mesh=mesh, seed=config.seed,
       ckpt_dir=os.path.join(workdir, "eval", f"linear_checkpoints_{which}"),
-      val_freq=e.linear_val_freq)
+      val_freq=e.linear_val_freq,
+      settings={"step": step, "n_last_blocks": n_last, "avgpool_patchtokens": avgpool,
+                **{f"data.{k}": config.data[k] for k in ("source", "path", "name",
+                                                          "train_split", "eval_split")}})
   result = {**result, "which": which, "step": step}
   if pi == 0:
     paths.write_json(os.path.join(workdir, "eval", "linear.json" if which == "teacher" else

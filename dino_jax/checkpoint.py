@@ -143,6 +143,9 @@ def restore_host(workdir: str, step: int | None = None) -> tuple[int, dict[str, 
     step = mngr.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+    if step not in mngr.all_steps():
+      raise FileNotFoundError(f"no checkpoint of step {step} in {workdir}/checkpoints (steps: "
+                              f"{', '.join(map(str, sorted(mngr.all_steps())))})")
     tree = mngr.item_metadata(step)["state"]
     dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), tree)

@@ -40,6 +40,11 @@ def define_distributed_flags() -> None:
   flags.DEFINE_integer("process_id", None, "This process's index in that launch.")
 
 
+def define_step_flag() -> None:
+  """--step: which checkpoint of the workdir a command reads."""
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+
+
 def define_data_path_flag() -> None:
   """--data_path of eval_knn and eval_linear (the release's): another labelled image folder."""
   flags.DEFINE_string("data_path", None, "An image folder with train/ and val/ class folders, "

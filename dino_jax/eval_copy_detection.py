@@ -59,6 +59,7 @@ def _define_flags() -> None:
                        "Embedded version: distractors.")
   flags.DEFINE_integer("embedded_whitening", copydays.EMBEDDED_WHITENING,
                        "Embedded version: images the whitening is learned on.")
+  cli.define_step_flag()
   cli.define_distributed_flags()
   flags.mark_flags_as_required(["workdir"])
 
@@ -79,7 +80,7 @@ def main(argv) -> None:
   if len(argv) > 1:
     sys.exit(f"eval_copy_detection: unexpected arguments {argv[1:]}")
   try:
-    config, backbone, params, step = features.load_backbone(f.workdir, f.which)
+    config, backbone, params, step = features.load_backbone(f.workdir, f.which, f.step)
     features.require_vit(backbone, "copy detection (GeM of patch tokens)")
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"eval_copy_detection: {e}")

@@ -52,6 +52,7 @@ def _define_flags() -> None:
   flags.DEFINE_integer("batch_size", None, "Images per feature batch (default: eval.batch_size).")
   flags.DEFINE_integer("shapes_queries", 60, "Embedded version: query images.")
   flags.DEFINE_integer("shapes_database", 600, "Embedded version: database images.")
+  cli.define_step_flag()
   cli.define_distributed_flags()
   flags.mark_flags_as_required(["workdir"])
 
@@ -64,7 +65,7 @@ def main(argv) -> None:
     sys.exit(f"eval_image_retrieval: unexpected arguments {argv[1:]} (the release's "
              f"`--multiscale 1` is --multiscale here)")
   try:
-    config, backbone, params, step = features.load_backbone(f.workdir, f.which)
+    config, backbone, params, step = features.load_backbone(f.workdir, f.which, f.step)
     features.require_vit(backbone, "image retrieval (patch-aligned multi-scale crops)")
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"eval_image_retrieval: {e}")

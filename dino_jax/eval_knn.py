@@ -1,7 +1,8 @@
 """Weighted k-NN evaluation of a workdir's teacher (or student) [CLS] features.
 
   python -m dino_jax.eval_knn --workdir DIR [--data_path FOLDER] [--nb_knn 10 20 100 200] \
-      [--temperature 0.07] [--which teacher|student] [--distributed | --coordinator_address ...]
+      [--temperature 0.07] [--which teacher|student] [--step N] \
+      [--distributed | --coordinator_address ...]
 
 Train split as the bank, eval split as the queries (config.data.*_split of the workdir's config):
 of the workdir's data, or with --data_path of another image folder, as the release's --data_path
@@ -33,6 +34,7 @@ def _define_flags() -> None:
                      "eval.knn_temperature, 0.07).")
   flags.DEFINE_enum("which", "teacher", ["teacher", "student"], "Network to evaluate.")
   flags.DEFINE_integer("batch_size", None, "Images per feature batch (default: eval.batch_size).")
+  cli.define_step_flag()
   cli.define_distributed_flags()
   flags.mark_flags_as_required(["workdir"])
 
@@ -50,7 +52,7 @@ def main(argv) -> None:
   if extra:
     sys.exit(f"eval_knn: unexpected arguments {extra}")
   try:
-    config, backbone, params, step = features.load_backbone(f.workdir, f.which)
+    config, backbone, params, step = features.load_backbone(f.workdir, f.which, f.step)
     cli.use_data_path(config, f.data_path)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"eval_knn: {e}")

@@ -44,6 +44,7 @@ def _define_flags() -> None:
                        "(default eval.linear_n_last_blocks: 4, the release's ViT-S setting).")
   flags.DEFINE_bool("avgpool_patchtokens", None, "Add the mean patch token (the release's ViT-B "
                     "setting, with --n_last_blocks 1).")
+  cli.define_step_flag()
   cli.define_distributed_flags()
   flags.mark_flags_as_required(["workdir"])
 
@@ -60,7 +61,7 @@ def main(argv) -> None:
       for flag, key in OVERRIDES.items():
         if f[flag].value is not None:
           config.eval[key] = f[flag].value
-    result = linear.run(config, f.workdir, f.which)
+    result = linear.run(config, f.workdir, f.which, f.step)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"eval_linear: {e}")
   if jax.process_index() != 0:

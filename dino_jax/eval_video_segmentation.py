@@ -61,6 +61,7 @@ def _define_flags() -> None:
   flags.DEFINE_integer("num_frames", 12, "Embedded version: frames per clip.")
   flags.DEFINE_bool("lighting", True, "Embedded version: each frame's brightness and contrast "
                     "change by the training's colour jitter (--nolighting: constant light).")
+  cli.define_step_flag()
   cli.define_distributed_flags()
   flags.mark_flags_as_required(["workdir"])
 
@@ -88,7 +89,7 @@ def main(argv) -> None:
   options = vs.Propagation(f.n_last_frames, f.size_mask_neighborhood, f.topk, f.temperature)
   name = "video_segmentation" + ("" if f.which == "teacher" else "_student")
   try:
-    config, backbone, params, step = features.load_backbone(f.workdir, f.which)
+    config, backbone, params, step = features.load_backbone(f.workdir, f.which, f.step)
     features.require_vit(backbone, "video segmentation (patch-token propagation)")
     if f.output is not None:
       paths.check(f.output)

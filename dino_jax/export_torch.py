@@ -51,7 +51,7 @@ def _define_flags() -> None:
   flags.DEFINE_enum("format", None, list(exporting.FORMATS), "pth | safetensors | hf | onnx | "
                     "full. Default: safetensors / onnx for an --output ending in .safetensors / "
                     ".onnx, else pth.")
-  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  cli.define_step_flag()
   flags.mark_flags_as_required(["workdir", "output"])
 
 

@@ -55,6 +55,7 @@ def _define_flags() -> None:
   flags.DEFINE_float("threshold", 0.6, "Share of each head's attention mass its mask keeps.")
   flags.DEFINE_list("image_size", None, "One value: the shorter side; two: height,width "
                     "(default 480,480; MAX_GRID patches a side for patches under 8 px).")
+  cli.define_step_flag()
   cli.define_distributed_flags()
   flags.mark_flags_as_required(["output"])
 
@@ -75,10 +76,11 @@ def maps_for_image(backbone: VisionTransformer, params: Any, image: np.ndarray) 
   return np.asarray(fn(backbone, params, image[None]))[0]
 
 
-def split_scores(workdir: str, which: str, output: str, threshold: float) -> None:
+def split_scores(workdir: str, which: str, output: str, threshold: float,
+                 step: int | None = None) -> None:
   """The eval split's attention figures -> workdir/eval/attention[_student].json, a grid PNG."""
   try:
-    config, backbone, params, step = features.load_backbone(workdir, which)
+    config, backbone, params, step = features.load_backbone(workdir, which, step)
     features.require_vit(backbone, "visualize_attention")
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"visualize_attention: {e}")
@@ -110,7 +112,7 @@ def main(argv) -> None:
   if f.image is None:
     if f.workdir is None:
       sys.exit("visualize_attention: --weights needs --image")
-    split_scores(f.workdir, f.which, f.output, f.threshold)
+    split_scores(f.workdir, f.which, f.output, f.threshold, f.step)
     return
   if jax.process_index() != 0:
     return
@@ -123,7 +125,7 @@ def main(argv) -> None:
                                                     patch_size=f.patch_size)
       source = f.weights
     else:
-      _, backbone, params, step = features.load_backbone(f.workdir, f.which)
+      _, backbone, params, step = features.load_backbone(f.workdir, f.which, f.step)
       source = f"{f.which} at step {step}"
     features.require_vit(backbone, "visualize_attention")
     size = size or default_image_size(backbone.patch_size)

@@ -85,6 +85,17 @@ def test_eval_knn_matches_brute_force(workdir):
     assert res["top5"][str(k)] == pytest.approx(100 * np.mean(top5))
 
 
+def test_step_names_the_checkpoint(workdir):
+  """--step N reads checkpoint N; a step the workdir lacks fails in one line listing those it
+  has (the workdir holds step 3 only)."""
+  assert "k-NN, teacher at step 3" in cli("eval_knn", "--workdir", workdir, "--step", "3",
+                                          "--nb_knn", "5")
+  r = subprocess.run([sys.executable, "-m", "dino_jax.eval_knn", "--workdir", workdir, "--step",
+                      "7"], capture_output=True, text=True, timeout=300)
+  last = r.stderr.strip().splitlines()[-1]
+  assert r.returncode != 0 and "no checkpoint of step 7" in last and "(steps: 3)" in last
+
+
 def copies_folders(root):
   """root/same and root/swapped: train/<a|b|c>/ of 4 noise images each; val/ the same images,
   under their own class (same) or the next one (swapped)."""

@@ -203,8 +203,10 @@ def train(featurize: Callable[[Any, jax.Array], jax.Array], backbone_params: Any
 # ----------------------------------------------------------------------------------------------
 # The command's run.
 # ----------------------------------------------------------------------------------------------
-def run(config: mlc.ConfigDict, workdir: str, which: str = "teacher") -> dict[str, Any]:
-  """The linear probe of a workdir's teacher (or student): writes eval/linear.json."""
+def run(config: mlc.ConfigDict, workdir: str, which: str = "teacher", step: int | None = None
+        ) -> dict[str, Any]:
+  """The linear probe of a workdir's teacher (or student), of its latest (or given) checkpoint:
+  writes eval/linear.json."""
   e = config.eval
   mesh = sharding_lib.make_mesh()
   pi, pc = jax.process_index(), jax.process_count()
@@ -212,7 +214,7 @@ def run(config: mlc.ConfigDict, workdir: str, which: str = "teacher") -> dict[st
   batch_size = local * pc
   epochs = e.linear_epochs
   avgpool = e.linear_avgpool_patchtokens
-  _, backbone, params, step = features_lib.load_backbone(workdir, which)
+  _, backbone, params, step = features_lib.load_backbone(workdir, which, step)
   # As the release's get_intermediate_layers: every block when the backbone has fewer (the main
   # job's depth 3 under the default 4). A ResNet: its pooled feature (n_last 1 = one embed_dim).
   vit = features_lib.has_attention(backbone)

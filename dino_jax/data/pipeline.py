@@ -151,7 +151,7 @@ def resolve(config: mlc.ConfigDict) -> None:
                  config.data.source)
     config.aug.crops_on_device = False
   e = config.eval
-  why = no_labelled_eval_split(config) if e.knn and (e.after_training or e.every_steps) else None
+  why = _no_labelled_eval_split(config) if e.knn and (e.after_training or e.every_steps) else None
   if why:
     logging.warning("%s: no k-NN evaluation during or after training (eval.knn and "
                     "eval.every_steps turned off)%s", why,
@@ -161,7 +161,7 @@ def resolve(config: mlc.ConfigDict) -> None:
     e.knn, e.every_steps = False, 0
 
 
-def no_labelled_eval_split(config: mlc.ConfigDict) -> str | None:
+def _no_labelled_eval_split(config: mlc.ConfigDict) -> str | None:
   """Why a folder source has no split to score k-NN on, or None (other sources: None)."""
   d = config.data
   if d.source != "folder":

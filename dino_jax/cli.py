@@ -9,6 +9,8 @@ from typing import Callable
 import jax
 from absl import app, flags, logging
 
+from dino_jax.data import pipeline
+
 
 class _OwnInfoOnly(py_logging.Filter):
   """INFO lines from dino_jax only; other libraries' (orbax logs every save step) from WARNING."""
@@ -53,13 +55,15 @@ def define_data_path_flag() -> None:
 
 def use_data_path(config, path: str | None) -> None:
   """config's data, in place, as the folder at `path` (data.source 'folder', data.path), unless
-  path is None; raises FileNotFoundError naming a path that is not a directory."""
+  path is None. Raises FileNotFoundError naming a path that is not a directory or lacks a split,
+  ValueError for train and eval splits of different class folders (pipeline.check_classes)."""
   if path is None:
     return
   if not os.path.isdir(path):
     raise FileNotFoundError(f"--data_path {path!r}: no such directory")
   with config.unlocked():
     config.data.source, config.data.path = "folder", path
+  pipeline.check_classes(config)
 
 
 def initialize_distributed() -> None:

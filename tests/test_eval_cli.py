@@ -129,6 +129,12 @@ def test_eval_knn_on_another_folder(workdir, tmp_path):
   r = subprocess.run([sys.executable, "-m", "dino_jax.eval_knn", "--workdir", workdir,
                       "--data_path", missing], capture_output=True, text=True)
   assert r.returncode != 0 and missing in r.stderr.strip().splitlines()[-1]
+  # val/ with a class train/ lacks: labels would be indices of other classes; refused.
+  os.rename(tmp_path / "same" / "val" / "c", tmp_path / "same" / "val" / "d")
+  r = subprocess.run([sys.executable, "-m", "dino_jax.eval_knn", "--workdir", workdir,
+                      "--data_path", str(tmp_path / "same")], capture_output=True, text=True)
+  last = r.stderr.strip().splitlines()[-1]
+  assert r.returncode != 0 and "different class folders (e.g. c, d)" in last, last
 
 
 def test_eval_linear_writes_json_and_checkpoints(workdir):

@@ -191,12 +191,23 @@ def validate(config: mlc.ConfigDict) -> None:
     raise ValueError(f"{source!r}: {len(source)} training images, fewer than one global batch "
                      f"(config.batch_size={config.batch_size})")
   if config.eval.knn and (config.eval.after_training or config.eval.every_steps):
-    queries = make_source(config, config.data.eval_split)
-    if config.data.source == "folder" and source.classes != queries.classes:
-      differ = sorted(set(source.classes) ^ set(queries.classes))[:3]
-      raise ValueError(f"{source!r} and {queries!r}: different class folders (e.g. "
-                       f"{', '.join(differ)}), so k-NN would compare unrelated labels; give both "
-                       "splits the same class folders or set config.eval.knn=False")
+    check_classes(config, "; or set config.eval.knn=False")
+
+
+def check_classes(config: mlc.ConfigDict, hint: str = "") -> None:
+  """Raises, naming both folders and some of the classes that differ, where a folder source's
+  train and eval splits hold different class folders: labels are class indices in sorted order,
+  so k-NN or a probe would compare unrelated classes. Raises as make_source for a missing split;
+  other sources pass."""
+  if config.data.source != "folder":
+    return
+  bank = make_source(config, config.data.train_split)
+  queries = make_source(config, config.data.eval_split)
+  if bank.classes != queries.classes:
+    differ = sorted(set(bank.classes) ^ set(queries.classes))[:3]
+    raise ValueError(f"{bank!r} and {queries!r}: different class folders (e.g. "
+                     f"{', '.join(differ)}), so their labels would not match; give both splits "
+                     f"the same class folders{hint}")
 
 
 def _train_min_side(config: mlc.ConfigDict) -> int:

@@ -82,24 +82,13 @@ class Composed:
 
 def copy_sets(config, design: str) -> copydays.CopySets:
   """The study's blocks over originals, distractors and whitening images of one design."""
-  n, nd, nw = _ORIGINALS, _DISTRACTORS.value, _WHITENING.value
+  sizes = dict(originals=_ORIGINALS, copies=_COPIES, distractors=_DISTRACTORS.value,
+               whitening=_WHITENING.value, blocks=BLOCKS)
   if design == "shapes":
-    sets = copydays.embedded(config, config.data.shapes_image_size, originals=n, copies=_COPIES,
-                             distractors=nd, whitening=nw)
-    sets.queries = {b: sets.queries[b] for b in BLOCKS}
-    sets.positives = {b: sets.positives[b] for b in BLOCKS}
-    return sets
-  orig, dist, whit = (Composed(config, design, f"copydays_{split}")
-                      for split in ("original", "distractors", "whitening"))
-  size = orig.size
-  queries = {b: copydays.Images(n, lambda i, b=b: copydays.block_copy(orig(i), b), size)
-             for b in BLOCKS[1:]}
-  queries["strong"] = copydays.Images(
-      _COPIES, lambda j: copydays.strong_copy(orig(j % n), np.random.default_rng([0, j])), size)
-  positives = {b: [np.array([i]) for i in range(n)] for b in BLOCKS}
-  positives["strong"] = [np.array([j % n]) for j in range(_COPIES)]
-  database = copydays.Images(n + nd, lambda i: orig(i) if i < n else dist(i - n), size)
-  return copydays.CopySets(queries, database, copydays.Images(nw, whit, size), positives)
+    return copydays.embedded(config, config.data.shapes_image_size, **sizes)
+  size = Composed(config, design, "copydays_original").size
+  return copydays.generated(lambda split, n: Composed(config, design, split), size,
+                            seed=config.data.shapes_seed, **sizes)
 
 
 def main(argv):

@@ -212,31 +212,44 @@ def block_copy(image: np.ndarray, block: str) -> np.ndarray:
   return image[top:top + ch, left:left + cw]
 
 
+def generated(images: Callable[[str, int], Callable[[int], np.ndarray]], imsize: int, *,
+              originals: int, copies: int, distractors: int, whitening: int, seed: int,
+              blocks: tuple[str, ...] = BLOCKS) -> CopySets:
+  """Copydays' blocks (those in `blocks`, in their order) made of generated images.
+
+  images(split, n) -> load(i) -> uint8 (H, W, 3): the n images of a split; the originals, the
+  distractors and the whitening images are the splits 'copydays_original', 'copydays_distractors'
+  and 'copydays_whitening'. 'strong' copy j is strong_copy of original j % originals, drawn from
+  (seed, j); the other blocks, block_copy of each original. The database: the originals, then the
+  distractors.
+  """
+  orig = images("copydays_original", originals)
+  dist = images("copydays_distractors", distractors)
+
+  def strong(j):
+    return strong_copy(orig(j % originals), np.random.default_rng([seed, j]))
+
+  queries = {b: Images(copies, strong, imsize) if b == "strong" else
+                Images(originals, lambda i, b=b: block_copy(orig(i), b), imsize) for b in blocks}
+  positives = {b: [np.array([j % originals]) for j in range(copies)] if b == "strong" else
+                  [np.array([i]) for i in range(originals)] for b in blocks}
+  database = Images(originals + distractors,
+                    lambda i: orig(i) if i < originals else dist(i - originals), imsize)
+  return CopySets(queries, database, Images(whitening, images("copydays_whitening", whitening),
+                                            imsize), positives)
+
+
 def embedded(config: mlc.ConfigDict, imsize: int, *, originals: int = EMBEDDED_ORIGINALS,
              copies: int = EMBEDDED_COPIES, distractors: int = EMBEDDED_DISTRACTORS,
-             whitening: int = EMBEDDED_WHITENING) -> CopySets:
-  """Copydays made of the workdir's shapes images (config.data with data.source 'shapes'): the
-  originals, the distractors and the whitening images are three splits of their own, never seen
-  in training. Every block of the release: 'strong' copy j is strong_copy of original
-  j % originals, drawn from (shapes_seed, j); the other blocks, block_copy of each original."""
+             whitening: int = EMBEDDED_WHITENING, blocks: tuple[str, ...] = BLOCKS) -> CopySets:
+  """Copydays made of the workdir's shapes images (config.data with data.source 'shapes'), by
+  `generated`: originals, distractors and whitening images are three splits of their own, never
+  seen in training; the strong copies drawn from data.shapes_seed."""
   def shapes(split, n):
     c = config.copy_and_resolve_references()
     c.data.shapes_eval_size = n  # make_source's size of any split but the training one
     source = make_source(c, split)
-    return Images(n, lambda i: source[i]["image"], imsize)
+    return lambda i: source[i]["image"]
 
-  orig = shapes("copydays_original", originals)
-  dist = shapes("copydays_distractors", distractors)
-
-  def strong(j):
-    rng = np.random.default_rng([config.data.shapes_seed, j])
-    return strong_copy(orig.load(j % originals), rng)
-
-  queries = {b: Images(originals, lambda i, b=b: block_copy(orig.load(i), b), imsize)
-             for b in BLOCKS}
-  queries["strong"] = Images(copies, strong, imsize)
-  positives = {b: [np.array([i]) for i in range(originals)] for b in BLOCKS}
-  positives["strong"] = [np.array([j % originals]) for j in range(copies)]
-  database = Images(originals + distractors,
-                    lambda i: orig.load(i) if i < originals else dist.load(i - originals), imsize)
-  return CopySets(queries, database, shapes("copydays_whitening", whitening), positives)
+  return generated(shapes, imsize, originals=originals, copies=copies, distractors=distractors,
+                   whitening=whitening, seed=config.data.shapes_seed, blocks=blocks)

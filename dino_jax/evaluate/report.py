@@ -43,11 +43,11 @@ def run(config: mlc.ConfigDict, workdir: str, random_init: Any = None
   """
   t0 = time.perf_counter()
   e = config.eval
-  mesh = sharding_lib.make_mesh()
   _, backbone, params, step = features.load_backbone(workdir, "teacher")
   if not e.knn:
     attention_picture(config, backbone, params, step, paths.path(workdir) / "eval")
     return {}
+  mesh = sharding_lib.make_mesh()
   models = {"trained": params}
   if e.compare_random_init:
     models["random_init"] = (features.random_init_backbone(config) if random_init is None
